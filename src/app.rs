@@ -1,0 +1,165 @@
+//! Assembles the service: the pipeline (state store, sink, bulk writer, shard actors)
+//! and the HTTP server in front of it.
+//!
+//! Shutdown order: stop taking requests (in-flight ones finish), stop the shards (each
+//! drains its mailbox and flushes its dirty partials), which drops the writer's last
+//! handles, so the writer sends what it holds and waits for its requests.
+
+use std::future::Future;
+use std::net::TcpListener;
+use std::sync::Arc;
+
+use actix_web::dev::Server;
+use anyhow::Context;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Settings;
+use crate::http::{self, AppState};
+use crate::metrics::Metrics;
+use crate::model::ingest::Limits;
+use crate::model::Schema;
+use crate::shard::{Router, ShardActor};
+use crate::sink::writer::BulkWriter;
+use crate::sink::SinkClient;
+use crate::state::StateStore;
+
+/// The running actors behind ingress.
+pub struct Pipeline {
+    pub router: Router,
+    pub schema: Arc<Schema>,
+    pub store: StateStore,
+    pub sink: SinkClient,
+    pub metrics: Arc<Metrics>,
+    shards: Vec<JoinHandle<()>>,
+    writer: JoinHandle<()>,
+    cancel: CancellationToken,
+}
+
+impl Pipeline {
+    /// Connects the backends, prepares the sink and starts the actors.
+    pub async fn start(settings: &Settings) -> anyhow::Result<Pipeline> {
+        let schema = Schema::new(&settings.parts);
+        let store = StateStore::connect(settings, &schema)
+            .await
+            .with_context(|| {
+                format!(
+                    "cannot connect to the state store ({:?})",
+                    settings.state.backend
+                )
+            })?;
+        let sink = SinkClient::new(settings)?;
+        sink.prepare(settings, &schema)
+            .await
+            .context("cannot prepare the sink")?;
+        let metrics = Arc::new(Metrics::new());
+        let (writer_handle, writer) = BulkWriter::spawn(
+            &settings.elasticsearch,
+            settings.shards.mailbox_capacity,
+            schema.clone(),
+            sink.clone(),
+            store.clone(),
+            metrics.clone(),
+        );
+        let cancel = CancellationToken::new();
+        let (handles, shards) = (0..settings.shard_count())
+            .map(|i| {
+                ShardActor::spawn(
+                    i,
+                    &settings.shards,
+                    schema.clone(),
+                    store.clone(),
+                    writer_handle.clone(),
+                    metrics.clone(),
+                    cancel.clone(),
+                )
+            })
+            .unzip();
+        Ok(Pipeline {
+            router: Router::new(handles),
+            schema: Arc::new(schema),
+            store,
+            sink,
+            metrics,
+            shards,
+            writer,
+            cancel,
+        })
+    }
+
+    /// Drains every actor: dirty partials reach the store, complete documents the sink.
+    pub async fn shutdown(self) {
+        self.cancel.cancel();
+        for shard in self.shards {
+            let _ = shard.await;
+        }
+        let _ = self.writer.await;
+    }
+}
+
+/// The service: HTTP ingress and its pipeline.
+pub struct Application {
+    port: u16,
+    server: Server,
+    pipeline: Pipeline,
+}
+
+impl Application {
+    /// Starts the pipeline and binds the listener (port 0 picks a free port).
+    pub async fn build(settings: Settings) -> anyhow::Result<Application> {
+        let pipeline = Pipeline::start(&settings).await?;
+        let listener = TcpListener::bind(&settings.http.bind)
+            .with_context(|| format!("cannot listen on {}", settings.http.bind))?;
+        let port = listener.local_addr()?.port();
+        let state = AppState {
+            router: pipeline.router.clone(),
+            schema: pipeline.schema.clone(),
+            limits: Limits {
+                max_id_bytes: settings.http.max_id_bytes,
+            },
+            max_body_bytes: settings.http.max_body_bytes,
+            max_batch_items: settings.http.max_batch_items,
+            store: pipeline.store.clone(),
+            sink: pipeline.sink.clone(),
+            metrics: pipeline.metrics.clone(),
+        };
+        let server = http::server(listener, state, &settings)?;
+        Ok(Application {
+            port,
+            server,
+            pipeline,
+        })
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// The router, to feed the pipeline without HTTP (benchmarks, tests).
+    pub fn router(&self) -> &Router {
+        &self.pipeline.router
+    }
+
+    pub fn metrics(&self) -> Arc<Metrics> {
+        self.pipeline.metrics.clone()
+    }
+
+    /// Serves until `shutdown` resolves (or the server fails), then drains the pipeline.
+    pub async fn run_until_stopped(self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+        let handle = self.server.handle();
+        let mut server = tokio::spawn(self.server);
+        let served = tokio::select! {
+            result = &mut server => result,
+            _ = shutdown => {
+                tracing::info!("Shutting down: no new requests; draining the pipeline.");
+                handle.stop(true).await;
+                server.await
+            }
+        };
+        self.pipeline.shutdown().await;
+        tracing::info!("Stopped.");
+        served
+            .context("the HTTP server task failed")?
+            .context("the HTTP server failed")
+    }
+}

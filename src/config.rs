@@ -1,0 +1,460 @@
+//! Typed settings, loaded in layers: `config/default.toml` (compiled in, the one place
+//! where defaults live), then an optional file given with `--config`, then
+//! `EMBEDJOIN__SECTION__KEY` environment variables.
+//!
+//! [`Settings::load`] validates everything before the service starts; an error names the
+//! offending key and says why it is wrong.
+
+use std::collections::HashSet;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// The defaults, compiled into the binary so it runs from any directory.
+pub const DEFAULT_TOML: &str = include_str!("../config/default.toml");
+
+/// Prefix of the environment variables that override settings.
+pub const ENV_PREFIX: &str = "EMBEDJOIN";
+
+/// Why settings could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// A file or variable could not be read or parsed.
+    #[error("cannot load settings: {0}")]
+    Load(#[from] config::ConfigError),
+    /// A value was read but is not acceptable.
+    #[error("invalid setting `{key}`: {reason}")]
+    Invalid { key: String, reason: String },
+}
+
+fn invalid(key: impl Into<String>, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.into(),
+        reason: reason.into(),
+    }
+}
+
+/// All of embedjoin's settings.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    /// The parts that make an item complete, in the order they appear in documents.
+    pub parts: Vec<PartSettings>,
+    pub http: HttpSettings,
+    pub shards: ShardSettings,
+    pub state: StateSettings,
+    pub redis: RedisSettings,
+    pub sink: SinkSettings,
+    pub elasticsearch: ElasticsearchSettings,
+    pub log: LogSettings,
+}
+
+/// One required part of a document.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct PartSettings {
+    /// The `embedding_type` clients send, e.g. `EMBEDDINGS_TEXT`.
+    pub type_name: String,
+    /// The document field it fills, e.g. `text_embedding`.
+    pub field: String,
+    /// Number of floats in the vector.
+    pub dims: usize,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpSettings {
+    /// Address to listen on; port 0 picks a free port.
+    pub bind: String,
+    /// Largest request body, in bytes.
+    pub max_body_bytes: usize,
+    /// Most items in one request.
+    pub max_batch_items: usize,
+    /// Longest id, in bytes.
+    pub max_id_bytes: usize,
+    /// actix-web workers; 0 means one per core.
+    pub workers: usize,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShardSettings {
+    /// Number of shard actors; 0 means one per core.
+    pub count: usize,
+    /// Bound of each shard's mailbox, in messages.
+    pub mailbox_capacity: usize,
+    /// Period of the persist-and-reconcile flush.
+    #[serde(with = "humantime_serde")]
+    pub flush_interval: Duration,
+    /// Dirty partials that trigger an early flush.
+    pub max_dirty: usize,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum StateBackend {
+    Redis,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct StateSettings {
+    pub backend: StateBackend,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedisSettings {
+    /// `redis://[user:password@]host:port[/db]`, or `rediss://` for TLS.
+    pub url: String,
+    /// Prefix of every key embedjoin writes.
+    pub key_prefix: String,
+    /// Time after which an incomplete partial expires.
+    #[serde(with = "humantime_serde")]
+    pub partial_ttl: Duration,
+    /// List (under the prefix) that receives dead-lettered documents.
+    pub dead_letter_key: String,
+    #[serde(with = "humantime_serde")]
+    pub response_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    pub connection_timeout: Duration,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum SinkBackend {
+    Elasticsearch,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct SinkSettings {
+    pub backend: SinkBackend,
+}
+
+/// dense_vector similarity functions Elasticsearch knows.
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Similarity {
+    Cosine,
+    DotProduct,
+    L2Norm,
+    MaxInnerProduct,
+}
+
+impl Similarity {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Similarity::Cosine => "cosine",
+            Similarity::DotProduct => "dot_product",
+            Similarity::L2Norm => "l2_norm",
+            Similarity::MaxInnerProduct => "max_inner_product",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ElasticsearchSettings {
+    pub url: String,
+    pub index: String,
+    /// Create the index with dense_vector mappings at start unless it exists.
+    pub create_index: bool,
+    pub similarity: Similarity,
+    #[serde(skip_serializing)]
+    pub username: String,
+    #[serde(skip_serializing)]
+    pub password: String,
+    #[serde(skip_serializing)]
+    pub api_key: String,
+    /// Documents per bulk request, at most.
+    pub bulk_max_docs: usize,
+    /// Bytes per bulk request body, at most (one larger document still goes alone).
+    pub bulk_max_bytes: usize,
+    /// Longest a document waits for its bulk request to fill.
+    #[serde(with = "humantime_serde")]
+    pub flush_interval: Duration,
+    /// Bulk requests in flight at once.
+    pub requests_in_flight: usize,
+    #[serde(with = "humantime_serde")]
+    pub request_timeout: Duration,
+    /// Attempts after the first, for a retryable item or request failure.
+    pub max_retries: u32,
+    #[serde(with = "humantime_serde")]
+    pub retry_initial_backoff: Duration,
+    #[serde(with = "humantime_serde")]
+    pub retry_max_backoff: Duration,
+    /// Item statuses that are retried.
+    pub retry_statuses: Vec<u16>,
+    /// Gzip request bodies.
+    pub compression: bool,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Human,
+    Json,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogSettings {
+    pub format: LogFormat,
+    pub level: String,
+}
+
+impl Settings {
+    /// Loads defaults, then `file` if given, then `EMBEDJOIN__*` variables, and validates.
+    pub fn load(file: Option<&Path>) -> Result<Settings, ConfigError> {
+        let mut builder = config::Config::builder().add_source(config::File::from_str(
+            DEFAULT_TOML,
+            config::FileFormat::Toml,
+        ));
+        if let Some(path) = file {
+            builder = builder.add_source(config::File::from(path).required(true));
+        }
+        let env = config::Environment::with_prefix(ENV_PREFIX)
+            .prefix_separator("__")
+            .separator("__")
+            .try_parsing(true)
+            .list_separator(",")
+            .with_list_parse_key("elasticsearch.retry_statuses");
+        let settings: Settings = builder.add_source(env).build()?.try_deserialize()?;
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    /// The compiled-in defaults, validated. Tests start from these.
+    pub fn defaults() -> Settings {
+        Settings::load_from_str(DEFAULT_TOML).expect("the compiled-in defaults are valid")
+    }
+
+    /// Loads settings from TOML text layered over the defaults (no environment).
+    pub fn load_from_str(toml: &str) -> Result<Settings, ConfigError> {
+        let settings: Settings = config::Config::builder()
+            .add_source(config::File::from_str(
+                DEFAULT_TOML,
+                config::FileFormat::Toml,
+            ))
+            .add_source(config::File::from_str(toml, config::FileFormat::Toml))
+            .build()?
+            .try_deserialize()?;
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    /// Checks every value that the types alone do not constrain.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.parts.is_empty() {
+            return Err(invalid("parts", "at least one part is required"));
+        }
+        if self.parts.len() > crate::model::MAX_PARTS {
+            return Err(invalid(
+                "parts",
+                format!("at most {} parts are supported", crate::model::MAX_PARTS),
+            ));
+        }
+        let (mut types, mut fields) = (HashSet::new(), HashSet::new());
+        for (i, part) in self.parts.iter().enumerate() {
+            let key = |k: &str| format!("parts[{i}].{k}");
+            if part.type_name.is_empty() {
+                return Err(invalid(key("type_name"), "must not be empty"));
+            }
+            if !types.insert(&part.type_name) {
+                return Err(invalid(
+                    key("type_name"),
+                    format!("`{}` is listed twice", part.type_name),
+                ));
+            }
+            if part.field.is_empty() || part.field.starts_with('_') || part.field.contains('.') {
+                return Err(invalid(
+                    key("field"),
+                    "must be a non-empty name without a leading `_` or a `.`",
+                ));
+            }
+            if crate::model::RESERVED_FIELDS.contains(&part.field.as_str()) {
+                return Err(invalid(
+                    key("field"),
+                    format!("`{}` is reserved", part.field),
+                ));
+            }
+            if !fields.insert(&part.field) {
+                return Err(invalid(
+                    key("field"),
+                    format!("`{}` is used by two parts", part.field),
+                ));
+            }
+            if part.dims == 0 || part.dims > 4096 {
+                return Err(invalid(
+                    key("dims"),
+                    "must be between 1 and 4096 (Elasticsearch's dense_vector limit)",
+                ));
+            }
+        }
+        self.http
+            .bind
+            .parse::<std::net::SocketAddr>()
+            .map_err(|e| {
+                invalid(
+                    "http.bind",
+                    format!("`{}` is not an address:port ({e})", self.http.bind),
+                )
+            })?;
+        positive("http.max_body_bytes", self.http.max_body_bytes)?;
+        positive("http.max_batch_items", self.http.max_batch_items)?;
+        if !(1..=512).contains(&self.http.max_id_bytes) {
+            return Err(invalid("http.max_id_bytes", "must be between 1 and 512"));
+        }
+        positive("shards.mailbox_capacity", self.shards.mailbox_capacity)?;
+        positive("shards.max_dirty", self.shards.max_dirty)?;
+        nonzero_duration("shards.flush_interval", self.shards.flush_interval)?;
+        if self.shards.count > 4096 {
+            return Err(invalid("shards.count", "must be at most 4096"));
+        }
+
+        let redis_url = url::Url::parse(&self.redis.url)
+            .map_err(|e| invalid("redis.url", format!("cannot parse: {e}")))?;
+        if !matches!(redis_url.scheme(), "redis" | "rediss") {
+            return Err(invalid(
+                "redis.url",
+                "must start with redis:// or rediss://",
+            ));
+        }
+        if self.redis.key_prefix.contains(['{', '}']) {
+            return Err(invalid(
+                "redis.key_prefix",
+                "must not contain `{` or `}` (they delimit the cluster hash tag)",
+            ));
+        }
+        if self.redis.partial_ttl < Duration::from_secs(1) {
+            return Err(invalid("redis.partial_ttl", "must be at least 1s"));
+        }
+        nonzero_duration("redis.response_timeout", self.redis.response_timeout)?;
+        nonzero_duration("redis.connection_timeout", self.redis.connection_timeout)?;
+
+        let es = &self.elasticsearch;
+        let es_url = url::Url::parse(&es.url)
+            .map_err(|e| invalid("elasticsearch.url", format!("cannot parse: {e}")))?;
+        if !matches!(es_url.scheme(), "http" | "https") {
+            return Err(invalid(
+                "elasticsearch.url",
+                "must start with http:// or https://",
+            ));
+        }
+        if es.index.is_empty()
+            || es.index != es.index.to_lowercase()
+            || es.index.starts_with(['_', '-', '+'])
+            || es
+                .index
+                .contains(['\\', '/', '*', '?', '"', '<', '>', '|', ' ', ',', '#', ':'])
+        {
+            return Err(invalid(
+                "elasticsearch.index",
+                format!("`{}` is not a valid index name", es.index),
+            ));
+        }
+        if !es.api_key.is_empty() && !es.username.is_empty() {
+            return Err(invalid(
+                "elasticsearch.api_key",
+                "set either api_key or username/password, not both",
+            ));
+        }
+        positive("elasticsearch.bulk_max_docs", es.bulk_max_docs)?;
+        positive("elasticsearch.bulk_max_bytes", es.bulk_max_bytes)?;
+        positive("elasticsearch.requests_in_flight", es.requests_in_flight)?;
+        nonzero_duration("elasticsearch.flush_interval", es.flush_interval)?;
+        nonzero_duration("elasticsearch.request_timeout", es.request_timeout)?;
+        nonzero_duration(
+            "elasticsearch.retry_initial_backoff",
+            es.retry_initial_backoff,
+        )?;
+        if es.retry_max_backoff < es.retry_initial_backoff {
+            return Err(invalid(
+                "elasticsearch.retry_max_backoff",
+                "must be at least retry_initial_backoff",
+            ));
+        }
+        if let Some(s) = es.retry_statuses.iter().find(|s| !(400..600).contains(*s)) {
+            return Err(invalid(
+                "elasticsearch.retry_statuses",
+                format!("{s} is not an HTTP error status"),
+            ));
+        }
+        tracing_subscriber::EnvFilter::try_new(&self.log.level)
+            .map_err(|e| invalid("log.level", e.to_string()))?;
+        Ok(())
+    }
+
+    /// Number of shards, with 0 resolved to the number of cores.
+    pub fn shard_count(&self) -> usize {
+        if self.shards.count == 0 {
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1)
+        } else {
+            self.shards.count
+        }
+    }
+}
+
+fn positive(key: &str, value: usize) -> Result<(), ConfigError> {
+    if value == 0 {
+        return Err(invalid(key, "must be greater than 0"));
+    }
+    Ok(())
+}
+
+fn nonzero_duration(key: &str, value: Duration) -> Result<(), ConfigError> {
+    if value.is_zero() {
+        return Err(invalid(key, "must be greater than 0"));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn error_of(toml: &str) -> String {
+        Settings::load_from_str(toml).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn defaults_are_valid() {
+        let s = Settings::defaults();
+        assert_eq!(s.parts.len(), 2);
+        assert_eq!(s.parts[0].dims, 384);
+    }
+
+    #[test]
+    fn errors_name_the_bad_key() {
+        assert!(error_of("[shards]\nmailbox_capacity = 0").contains("shards.mailbox_capacity"));
+        assert!(error_of("[[parts]]\ntype_name='A'\nfield='a'\ndims=0").contains("parts[0].dims"));
+        let two_fields = "[[parts]]\ntype_name='A'\nfield='x'\ndims=3\n[[parts]]\ntype_name='B'\nfield='x'\ndims=3";
+        assert!(error_of(two_fields).contains("parts[1].field"));
+        assert!(error_of("[redis]\nurl = 'http://x'").contains("redis.url"));
+        assert!(error_of("[elasticsearch]\nurl = 'not a url'").contains("elasticsearch.url"));
+        assert!(error_of("[http]\nbind = 'nowhere'").contains("http.bind"));
+        assert!(error_of("[shards]\nflush_interval = 'soon'").contains("flush_interval"));
+    }
+
+    #[test]
+    fn a_parts_list_replaces_the_default_one() {
+        let s = Settings::load_from_str("[[parts]]\ntype_name='A'\nfield='a'\ndims=3").unwrap();
+        assert_eq!(
+            s.parts,
+            vec![PartSettings {
+                type_name: "A".into(),
+                field: "a".into(),
+                dims: 3
+            }]
+        );
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected() {
+        assert!(error_of("[shards]\ncont = 3").contains("cont"));
+    }
+}

@@ -1,0 +1,114 @@
+//! `POST /aggregate/`: takes a batch of parts, validates each item, hands the valid ones to
+//! their shards, and answers which items were taken and why the others were not.
+
+use actix_web::http::header::CONTENT_TYPE;
+use actix_web::{web, HttpRequest, HttpResponse};
+use futures_util::StreamExt;
+use serde::Serialize;
+
+use super::error::ApiError;
+use super::AppState;
+use crate::metrics::ReasonLabels;
+use crate::model::ingest::{parse_batch, Rejection};
+
+/// The answer to an ingest request.
+#[derive(Debug, Serialize)]
+pub struct IngestResponse {
+    /// Items taken: they will be joined and indexed.
+    pub accepted: usize,
+    /// Items refused, by position in the request, with the reason.
+    pub rejected: Vec<Rejection>,
+}
+
+pub async fn aggregate(
+    state: web::Data<AppState>,
+    req: HttpRequest,
+    payload: web::Payload,
+) -> Result<HttpResponse, ApiError> {
+    check_content_type(&req)?;
+    let body = read_body(
+        payload,
+        req.headers().get("content-length"),
+        state.max_body_bytes,
+    )
+    .await?;
+    let (parts, rejected) = parse_batch(&body, &state.schema, state.limits)
+        .map_err(|e| ApiError::MalformedJson(e.to_string()))?;
+    drop(body);
+    let count = parts.len() + rejected.len();
+    if count == 0 {
+        return Err(ApiError::EmptyBatch);
+    }
+    if count > state.max_batch_items {
+        return Err(ApiError::TooManyItems {
+            count,
+            limit: state.max_batch_items,
+        });
+    }
+    let accepted = parts.len();
+    if accepted > 0 {
+        state
+            .router
+            .submit(parts)
+            .await
+            .map_err(|_| ApiError::ShuttingDown)?;
+    }
+    state.metrics.parts_received.inc_by(accepted as u64);
+    for r in &rejected {
+        state
+            .metrics
+            .parts_rejected
+            .get_or_create(&ReasonLabels { reason: r.code })
+            .inc();
+        tracing::debug!(index = r.index, id = ?r.id, code = r.code, reason = %r.reason, "Item rejected.");
+    }
+    let response = IngestResponse { accepted, rejected };
+    // Nothing taken is not a success a client should mistake for one.
+    Ok(if accepted == 0 {
+        HttpResponse::UnprocessableEntity()
+    } else {
+        HttpResponse::Accepted()
+    }
+    .json(response))
+}
+
+fn check_content_type(req: &HttpRequest) -> Result<(), ApiError> {
+    let Some(value) = req.headers().get(CONTENT_TYPE) else {
+        return Ok(()); // like the seed service, a missing type is read as JSON
+    };
+    let text = value.to_str().unwrap_or("");
+    let essence = text.split(';').next().unwrap_or("").trim();
+    if essence.eq_ignore_ascii_case("application/json") {
+        Ok(())
+    } else {
+        Err(ApiError::UnsupportedContentType(text.to_owned()))
+    }
+}
+
+/// Reads the body, refusing it as soon as it is known to exceed the limit.
+async fn read_body(
+    mut payload: web::Payload,
+    content_length: Option<&actix_web::http::header::HeaderValue>,
+    limit: usize,
+) -> Result<web::BytesMut, ApiError> {
+    let declared = content_length
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    if let Some(size) = declared {
+        if size > limit {
+            return Err(ApiError::BodyTooLarge { size, limit });
+        }
+    }
+    let mut body = web::BytesMut::with_capacity(declared.unwrap_or(64 * 1024));
+    while let Some(chunk) = payload.next().await {
+        let chunk = chunk.map_err(|e| ApiError::BadBody(e.to_string()))?;
+        if body.len() + chunk.len() > limit {
+            return Err(ApiError::BodyTooLarge {
+                size: body.len() + chunk.len(),
+                limit,
+            });
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
+}

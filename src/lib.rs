@@ -1,0 +1,35 @@
+//! embedjoin joins the parts of an item that arrive separately (a text embedding, an
+//! image embedding, ...) into one complete document, and writes it once to Elasticsearch.
+//!
+//! How the parts fit:
+//!
+//! ```text
+//! http (actix-web ingress, validation by model::ingest)
+//!   -> shard::Router: shard = hash(id) % shards
+//!      -> shard::ShardActor (owns its partials; completes in memory when it can;
+//!         every flush interval merges dirty partials into the state store in one
+//!         pipeline, and gets back the items that became complete there)
+//!      -> sink::writer::BulkWriter (batches into _bulk requests, retries, dead-letters)
+//!         -> sink::SinkClient (Elasticsearch)
+//! ```
+//!
+//! - [`config`]: typed settings and their validation; defaults in `config/default.toml`.
+//! - [`model`]: the parts, the request contract, documents.
+//! - [`state`]: the state store (Redis): atomic per-item merges, dead letters.
+//! - [`sink`]: the bulk writer and the Elasticsearch client.
+//! - [`metrics`]: every exported metric, defined in one place.
+//! - [`app`]: assembles everything; [`shutdown`] and [`telemetry`] serve the binary.
+
+pub mod app;
+pub mod config;
+pub mod http;
+pub mod metrics;
+pub mod model;
+pub mod shard;
+pub mod shutdown;
+pub mod sink;
+pub mod state;
+pub mod telemetry;
+
+pub use app::{Application, Pipeline};
+pub use config::Settings;

@@ -1,0 +1,58 @@
+//! The `embedjoin` binary: parse the command line, load settings, run.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use embedjoin::{Application, Settings};
+
+#[derive(Parser)]
+#[command(
+    version,
+    about = "Joins embedding parts into complete documents and indexes them once."
+)]
+struct Cli {
+    /// A TOML file layered over the built-in defaults (config/default.toml).
+    #[arg(long, short, global = true, env = "EMBEDJOIN_CONFIG")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve the HTTP API (the default).
+    Serve,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let settings = match Settings::load(cli.config.as_deref()) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("embedjoin: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    embedjoin::telemetry::init(&settings.log);
+    let runtime = tokio::runtime::Runtime::new().expect("cannot start the tokio runtime");
+    let result = runtime.block_on(async {
+        match cli.command.unwrap_or(Command::Serve) {
+            Command::Serve => serve(settings).await,
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("Stopped: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn serve(settings: Settings) -> anyhow::Result<()> {
+    let shards = settings.shard_count();
+    let app = Application::build(settings.clone()).await?;
+    tracing::info!(port = app.port(), shards, bind = %settings.http.bind, "Serving.");
+    app.run_until_stopped(embedjoin::shutdown::signal()).await
+}

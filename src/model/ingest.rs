@@ -1,0 +1,544 @@
+//! The ingest request: `{"embeddings":[{"id","embedding_type","embedding","metadata"?}, ...]}`.
+//!
+//! Parsing is strict about JSON and lenient about items: malformed JSON fails the whole
+//! request, but an item whose fields have the wrong type (a string in a vector, a numeric
+//! id, ...) is parsed into a [`RawItem`] that remembers what was wrong, so that validation
+//! can reject that item alone and keep the rest of the batch. Vectors are decoded straight
+//! into `Vec<f32>` with no intermediate `Value`.
+
+use std::fmt;
+use std::time::Instant;
+
+use serde::de::{self, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
+use serde::{Deserialize, Serialize};
+
+use super::{Metadata, Part, Schema, RESERVED_FIELDS};
+
+/// The request body.
+#[derive(Debug, Deserialize)]
+pub struct IngestRequest {
+    pub embeddings: Vec<RawItem>,
+}
+
+/// Why an item was rejected; the code is a bounded label, the message says what to fix.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct Rejection {
+    /// Position of the item in the request.
+    pub index: usize,
+    /// The item's id, when it had a usable one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    /// A stable, machine-readable reason (also the metrics label).
+    pub code: &'static str,
+    /// What was wrong, for a person.
+    pub reason: String,
+}
+
+/// An item as parsed, before validation. Each field is `Err` with a description when the
+/// JSON value had the wrong type.
+#[derive(Debug, Default)]
+pub struct RawItem {
+    id: Option<Result<String, String>>,
+    embedding_type: Option<Result<String, String>>,
+    embedding: Option<Result<Vec<f32>, String>>,
+    metadata: Option<Result<Metadata, String>>,
+}
+
+/// Limits applied while validating items.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub max_id_bytes: usize,
+}
+
+impl RawItem {
+    /// Checks the item against the schema and turns it into a [`Part`].
+    pub fn validate(
+        self,
+        index: usize,
+        schema: &Schema,
+        limits: Limits,
+        now: Instant,
+    ) -> Result<Part, Rejection> {
+        let reject = |id: Option<&str>, code: &'static str, reason: String| Rejection {
+            index,
+            id: id.map(str::to_owned),
+            code,
+            reason,
+        };
+        let id = match self.id {
+            None => return Err(reject(None, "missing_id", "`id` is required".into())),
+            Some(Err(what)) => {
+                return Err(reject(
+                    None,
+                    "bad_id",
+                    format!("`id` must be a string, got {what}"),
+                ))
+            }
+            Some(Ok(id)) => id,
+        };
+        if id.is_empty() {
+            return Err(reject(None, "bad_id", "`id` must not be empty".into()));
+        }
+        if id.len() > limits.max_id_bytes {
+            let reason = format!(
+                "`id` is {} bytes; at most {} are allowed",
+                id.len(),
+                limits.max_id_bytes
+            );
+            return Err(reject(None, "id_too_long", reason));
+        }
+        if id.chars().any(char::is_control) {
+            return Err(reject(
+                Some(&id),
+                "bad_id",
+                "`id` must not contain control characters".into(),
+            ));
+        }
+        let type_name = match self.embedding_type {
+            None => {
+                return Err(reject(
+                    Some(&id),
+                    "missing_type",
+                    "`embedding_type` is required".into(),
+                ))
+            }
+            Some(Err(what)) => {
+                let reason = format!("`embedding_type` must be a string, got {what}");
+                return Err(reject(Some(&id), "unknown_type", reason));
+            }
+            Some(Ok(t)) => t,
+        };
+        let Some(slot) = schema.slot_of(&type_name) else {
+            let reason = format!(
+                "unknown `embedding_type` {type_name:?}; expected one of: {}",
+                schema.type_names()
+            );
+            return Err(reject(Some(&id), "unknown_type", reason));
+        };
+        let vector = match self.embedding {
+            None => {
+                return Err(reject(
+                    Some(&id),
+                    "missing_embedding",
+                    "`embedding` is required".into(),
+                ))
+            }
+            Some(Err(what)) => return Err(reject(Some(&id), "not_a_number", what)),
+            Some(Ok(v)) => v,
+        };
+        let dims = schema.part(slot).dims;
+        if vector.len() != dims {
+            let reason = format!("{type_name} expects {dims} values, got {}", vector.len());
+            return Err(reject(Some(&id), "wrong_dims", reason));
+        }
+        if let Some(at) = vector.iter().position(|x| !x.is_finite()) {
+            let reason = format!("`embedding[{at}]` is not a finite 32-bit float");
+            return Err(reject(Some(&id), "non_finite", reason));
+        }
+        let metadata = match self.metadata {
+            None => None,
+            Some(Err(what)) => {
+                let reason = format!("`metadata` must be an object, got {what}");
+                return Err(reject(Some(&id), "bad_metadata", reason));
+            }
+            Some(Ok(m)) => {
+                let clash = m.keys().find(|k| {
+                    RESERVED_FIELDS.contains(&k.as_str())
+                        || schema.parts().iter().any(|p| &p.field == *k)
+                });
+                if let Some(key) = clash {
+                    let reason =
+                        format!("`metadata` key {key:?} is a field embedjoin writes itself");
+                    return Err(reject(Some(&id), "bad_metadata", reason));
+                }
+                Some(m)
+            }
+        };
+        Ok(Part {
+            id,
+            slot,
+            vector,
+            metadata,
+            received_at: now,
+        })
+    }
+}
+
+impl<'de> Deserialize<'de> for RawItem {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct ItemVisitor;
+        impl<'de> Visitor<'de> for ItemVisitor {
+            type Value = RawItem;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("an embedding object")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<RawItem, A::Error> {
+                let mut item = RawItem::default();
+                while let Some(key) = map.next_key::<KeyName>()? {
+                    match key {
+                        KeyName::Id => {
+                            item.id = Some(map.next_value::<Lenient<LString>>()?.0.map(|s| s.0))
+                        }
+                        KeyName::Type => {
+                            item.embedding_type =
+                                Some(map.next_value::<Lenient<LString>>()?.0.map(|s| s.0))
+                        }
+                        KeyName::Embedding => {
+                            item.embedding = Some(map.next_value::<LenientVector>()?.0)
+                        }
+                        KeyName::Metadata => {
+                            let meta = map.next_value::<Lenient<LObject>>()?.0;
+                            // `"metadata": null` means no metadata.
+                            item.metadata = match meta {
+                                Err(ref what) if what == "null" => None,
+                                other => Some(other.map(|o| o.0)),
+                            };
+                        }
+                        KeyName::Other => {
+                            map.next_value::<IgnoredAny>()?;
+                        }
+                    }
+                }
+                Ok(item)
+            }
+        }
+        deserializer.deserialize_map(ItemVisitor)
+    }
+}
+
+/// The keys of an item; unknown keys are ignored, like the seed service did.
+enum KeyName {
+    Id,
+    Type,
+    Embedding,
+    Metadata,
+    Other,
+}
+
+impl<'de> Deserialize<'de> for KeyName {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct KeyVisitor;
+        impl Visitor<'_> for KeyVisitor {
+            type Value = KeyName;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a key")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<KeyName, E> {
+                Ok(match v {
+                    "id" => KeyName::Id,
+                    "embedding_type" => KeyName::Type,
+                    "embedding" => KeyName::Embedding,
+                    "metadata" => KeyName::Metadata,
+                    _ => KeyName::Other,
+                })
+            }
+        }
+        d.deserialize_identifier(KeyVisitor)
+    }
+}
+
+/// Which JSON type a lenient field wants.
+trait Wanted: Sized {
+    fn from_str(s: String) -> Option<Self> {
+        let _ = s;
+        None
+    }
+    fn from_map<'de, A: MapAccess<'de>>(map: A) -> Result<Option<Self>, A::Error> {
+        drop_map(map)?;
+        Ok(None)
+    }
+}
+
+struct LString(String);
+impl Wanted for LString {
+    fn from_str(s: String) -> Option<Self> {
+        Some(LString(s))
+    }
+}
+
+struct LObject(Metadata);
+impl Wanted for LObject {
+    fn from_map<'de, A: MapAccess<'de>>(map: A) -> Result<Option<Self>, A::Error> {
+        let value = Metadata::deserialize(de::value::MapAccessDeserializer::new(map))?;
+        Ok(Some(LObject(value)))
+    }
+}
+
+fn drop_map<'de, A: MapAccess<'de>>(mut map: A) -> Result<(), A::Error> {
+    while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+    Ok(())
+}
+
+fn drop_seq<'de, A: SeqAccess<'de>>(mut seq: A) -> Result<(), A::Error> {
+    while seq.next_element::<IgnoredAny>()?.is_some() {}
+    Ok(())
+}
+
+/// A field that accepts any JSON value and records a description when it has the wrong type.
+struct Lenient<T>(Result<T, String>);
+
+impl<'de, T: Wanted> Deserialize<'de> for Lenient<T> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V<T>(std::marker::PhantomData<T>);
+        impl<'de, T: Wanted> Visitor<'de> for V<T> {
+            type Value = Lenient<T>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("any JSON value")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
+                self.visit_string(v.to_owned())
+            }
+            fn visit_string<E: de::Error>(self, v: String) -> Result<Self::Value, E> {
+                Ok(Lenient(T::from_str(v).ok_or_else(|| "a string".to_owned())))
+            }
+            fn visit_bool<E: de::Error>(self, _: bool) -> Result<Self::Value, E> {
+                Ok(Lenient(Err("a boolean".to_owned())))
+            }
+            fn visit_i64<E: de::Error>(self, _: i64) -> Result<Self::Value, E> {
+                Ok(Lenient(Err("a number".to_owned())))
+            }
+            fn visit_u64<E: de::Error>(self, _: u64) -> Result<Self::Value, E> {
+                Ok(Lenient(Err("a number".to_owned())))
+            }
+            fn visit_f64<E: de::Error>(self, _: f64) -> Result<Self::Value, E> {
+                Ok(Lenient(Err("a number".to_owned())))
+            }
+            fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+                Ok(Lenient(Err("null".to_owned())))
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Self::Value, A::Error> {
+                drop_seq(seq)?;
+                Ok(Lenient(Err("an array".to_owned())))
+            }
+            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
+                Ok(Lenient(
+                    T::from_map(map)?.ok_or_else(|| "an object".to_owned()),
+                ))
+            }
+        }
+        d.deserialize_any(V(std::marker::PhantomData))
+    }
+}
+
+/// A vector decoded straight into `f32`s; any element that is not a number is recorded.
+struct LenientVector(Result<Vec<f32>, String>);
+
+impl<'de> Deserialize<'de> for LenientVector {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = LenientVector;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("an array of numbers")
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<LenientVector, A::Error> {
+                let mut out = Vec::with_capacity(seq.size_hint().unwrap_or(512).min(4096));
+                let mut bad: Option<(usize, &'static str)> = None;
+                while let Some(x) = seq.next_element::<Number>()? {
+                    match x {
+                        Number::Ok(v) => out.push(v as f32),
+                        Number::Not(what) => {
+                            bad.get_or_insert((out.len(), what));
+                            out.push(0.0);
+                        }
+                    }
+                }
+                Ok(LenientVector(match bad {
+                    None => Ok(out),
+                    Some((at, what)) => Err(format!("`embedding[{at}]` is {what}, not a number")),
+                }))
+            }
+            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<LenientVector, A::Error> {
+                drop_map(map)?;
+                Ok(LenientVector(Err(
+                    "`embedding` must be an array of numbers, got an object".into(),
+                )))
+            }
+            fn visit_str<E: de::Error>(self, _: &str) -> Result<LenientVector, E> {
+                Ok(LenientVector(Err(
+                    "`embedding` must be an array of numbers, got a string".into(),
+                )))
+            }
+            fn visit_bool<E: de::Error>(self, _: bool) -> Result<LenientVector, E> {
+                Ok(LenientVector(Err(
+                    "`embedding` must be an array of numbers, got a boolean".into(),
+                )))
+            }
+            fn visit_i64<E: de::Error>(self, _: i64) -> Result<LenientVector, E> {
+                Ok(LenientVector(Err(
+                    "`embedding` must be an array of numbers, got a number".into(),
+                )))
+            }
+            fn visit_u64<E: de::Error>(self, _: u64) -> Result<LenientVector, E> {
+                Ok(LenientVector(Err(
+                    "`embedding` must be an array of numbers, got a number".into(),
+                )))
+            }
+            fn visit_f64<E: de::Error>(self, _: f64) -> Result<LenientVector, E> {
+                Ok(LenientVector(Err(
+                    "`embedding` must be an array of numbers, got a number".into(),
+                )))
+            }
+            fn visit_unit<E: de::Error>(self) -> Result<LenientVector, E> {
+                Ok(LenientVector(Err(
+                    "`embedding` must be an array of numbers, got null".into(),
+                )))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// One vector element: a number, or a description of what it was instead.
+enum Number {
+    Ok(f64),
+    Not(&'static str),
+}
+
+impl<'de> Deserialize<'de> for Number {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Number;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a number")
+            }
+            fn visit_f64<E: de::Error>(self, v: f64) -> Result<Number, E> {
+                Ok(Number::Ok(v))
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<Number, E> {
+                Ok(Number::Ok(v as f64))
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<Number, E> {
+                Ok(Number::Ok(v as f64))
+            }
+            fn visit_str<E: de::Error>(self, _: &str) -> Result<Number, E> {
+                Ok(Number::Not("a string"))
+            }
+            fn visit_bool<E: de::Error>(self, _: bool) -> Result<Number, E> {
+                Ok(Number::Not("a boolean"))
+            }
+            fn visit_unit<E: de::Error>(self) -> Result<Number, E> {
+                Ok(Number::Not("null"))
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Number, A::Error> {
+                drop_seq(seq)?;
+                Ok(Number::Not("an array"))
+            }
+            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Number, A::Error> {
+                drop_map(map)?;
+                Ok(Number::Not("an object"))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// Parses and validates a request body: `Err` only when the JSON itself is unusable.
+pub fn parse_batch(
+    body: &[u8],
+    schema: &Schema,
+    limits: Limits,
+) -> Result<(Vec<Part>, Vec<Rejection>), serde_json::Error> {
+    let request: IngestRequest = serde_json::from_slice(body)?;
+    let now = Instant::now();
+    let mut parts = Vec::with_capacity(request.embeddings.len());
+    let mut rejected = Vec::new();
+    for (index, raw) in request.embeddings.into_iter().enumerate() {
+        match raw.validate(index, schema, limits, now) {
+            Ok(part) => parts.push(part),
+            Err(rejection) => rejected.push(rejection),
+        }
+    }
+    Ok((parts, rejected))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::PartSettings;
+    use serde_json::json;
+
+    fn schema() -> Schema {
+        Schema::new(&[
+            PartSettings {
+                type_name: "T".into(),
+                field: "t".into(),
+                dims: 3,
+            },
+            PartSettings {
+                type_name: "I".into(),
+                field: "i".into(),
+                dims: 2,
+            },
+        ])
+    }
+
+    fn parse(v: serde_json::Value) -> (Vec<Part>, Vec<Rejection>) {
+        parse_batch(
+            v.to_string().as_bytes(),
+            &schema(),
+            Limits { max_id_bytes: 8 },
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn valid_items_become_parts() {
+        let (parts, rejected) = parse(json!({"embeddings": [
+            {"id": "a", "embedding_type": "T", "embedding": [1, 2.5, -3e-2], "extra": {"x": [1]}},
+            {"id": "a", "embedding_type": "I", "embedding": [0.1, 0.2], "metadata": {"lang": "en"}},
+        ]}));
+        assert!(rejected.is_empty(), "{rejected:?}");
+        assert_eq!(parts[0].vector, vec![1.0, 2.5, -0.03]);
+        assert_eq!(parts[1].slot, 1);
+        assert_eq!(parts[1].metadata.as_ref().unwrap()["lang"], "en");
+    }
+
+    #[test]
+    fn each_bad_item_is_rejected_by_index_and_the_rest_kept() {
+        let (parts, rejected) = parse(json!({"embeddings": [
+            {"id": "ok", "embedding_type": "T", "embedding": [1, 2, 3]},
+            {"id": "x", "embedding_type": "AUDIO", "embedding": [1, 2, 3]},
+            {"id": "x", "embedding_type": "T", "embedding": [1, 2]},
+            {"id": "x", "embedding_type": "T", "embedding": [1, "2", 3]},
+            {"id": "", "embedding_type": "T", "embedding": [1, 2, 3]},
+            {"id": "123456789", "embedding_type": "T", "embedding": [1, 2, 3]},
+            {"id": 7, "embedding_type": "T", "embedding": [1, 2, 3]},
+            {"id": "x", "embedding_type": "T", "embedding": [1, 2, 1e39]},
+            {"id": "x", "embedding_type": "T", "embedding": [1, 2, 3], "metadata": {"id": "no"}},
+            {"embedding_type": "T", "embedding": [1, 2, 3]},
+            {"id": "x", "embedding_type": "T", "embedding": "1,2,3"},
+        ]}));
+        assert_eq!(parts.len(), 1);
+        let codes: Vec<_> = rejected.iter().map(|r| (r.index, r.code)).collect();
+        assert_eq!(
+            codes,
+            vec![
+                (1, "unknown_type"),
+                (2, "wrong_dims"),
+                (3, "not_a_number"),
+                (4, "bad_id"),
+                (5, "id_too_long"),
+                (6, "bad_id"),
+                (7, "non_finite"),
+                (8, "bad_metadata"),
+                (9, "missing_id"),
+                (10, "not_a_number"),
+            ]
+        );
+        assert!(
+            rejected[2].reason.contains("embedding[1]"),
+            "{}",
+            rejected[2].reason
+        );
+    }
+
+    #[test]
+    fn malformed_json_fails_the_request() {
+        let limits = Limits { max_id_bytes: 8 };
+        assert!(parse_batch(b"{\"embeddings\": [", &schema(), limits).is_err());
+        assert!(parse_batch(b"{\"items\": []}", &schema(), limits).is_err());
+        assert!(parse_batch(b"[1,2]", &schema(), limits).is_err());
+    }
+}

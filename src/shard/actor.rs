@@ -1,0 +1,337 @@
+//! A shard actor owns the partial documents of the ids routed to it.
+//!
+//! - A part is applied in memory; if its item then has every part, the document goes to
+//!   the bulk writer at once, without touching the state store.
+//! - Every other partial in memory is dirty. Every flush interval, or when `max_dirty`
+//!   partials are dirty, the shard merges all of them into the store in one batch (one
+//!   pipeline) and evicts them from memory: the store holds them from then on, and a later
+//!   part for the same id merges there. Items the store reports complete go to the writer.
+//! - Flushes run one at a time, inside the actor, so a newer copy of a part can never be
+//!   overwritten in the store by an older one.
+//! - A failed merge keeps the partial in memory (newer parts win) for the next flush.
+//!
+//! What may be lost: partials not yet flushed when the process dies without shutdown (at
+//! most one flush interval of parts). On shutdown the actor drains its mailbox and
+//! flushes everything before it exits.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::MissedTickBehavior;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::ShardSettings;
+use crate::metrics::{CompletedIn, CompletedLabels, Metrics};
+use crate::model::document::Partial;
+use crate::model::{Document, Part, Schema};
+use crate::sink::writer::WriterHandle;
+use crate::state::{MergeOutcome, StateStore};
+
+/// Messages a shard understands.
+pub enum ShardMsg {
+    Parts(Vec<Part>),
+    /// Persist every dirty partial now; answers when done.
+    Flush(oneshot::Sender<()>),
+}
+
+/// The shard has stopped (the service is shutting down).
+#[derive(Debug, thiserror::Error)]
+#[error("the service is shutting down")]
+pub struct ShardClosed;
+
+/// A cloneable handle on one shard's mailbox.
+#[derive(Clone)]
+pub struct ShardHandle {
+    tx: mpsc::Sender<ShardMsg>,
+}
+
+impl ShardHandle {
+    pub async fn send(&self, parts: Vec<Part>) -> Result<(), ShardClosed> {
+        self.tx
+            .send(ShardMsg::Parts(parts))
+            .await
+            .map_err(|_| ShardClosed)
+    }
+
+    pub async fn flush(&self) -> Result<(), ShardClosed> {
+        let (tx, rx) = oneshot::channel();
+        self.tx
+            .send(ShardMsg::Flush(tx))
+            .await
+            .map_err(|_| ShardClosed)?;
+        rx.await.map_err(|_| ShardClosed)
+    }
+}
+
+pub struct ShardActor {
+    index: usize,
+    rx: mpsc::Receiver<ShardMsg>,
+    schema: Schema,
+    store: StateStore,
+    writer: WriterHandle,
+    /// Dirty partials: everything in memory has parts the store has not seen.
+    partials: HashMap<String, Partial>,
+    /// Vector bytes held in `partials`.
+    bytes: usize,
+    /// What the resident gauges were last told, so each shard adds only its change.
+    reported: (i64, i64),
+    metrics: Arc<Metrics>,
+    flush_interval: Duration,
+    max_dirty: usize,
+    cancel: CancellationToken,
+    /// Consecutive failed flushes; the next attempt waits longer each time.
+    failures: u32,
+    /// No flush before this instant (set after a failure).
+    retry_at: Option<tokio::time::Instant>,
+}
+
+/// Longest pause between flush attempts while the store fails.
+const MAX_FLUSH_BACKOFF: Duration = Duration::from_secs(5);
+
+impl ShardActor {
+    /// Starts shard `index`; it runs until `cancel` fires or every handle is dropped.
+    pub fn spawn(
+        index: usize,
+        settings: &ShardSettings,
+        schema: Schema,
+        store: StateStore,
+        writer: WriterHandle,
+        metrics: Arc<Metrics>,
+        cancel: CancellationToken,
+    ) -> (ShardHandle, tokio::task::JoinHandle<()>) {
+        let (tx, rx) = mpsc::channel(settings.mailbox_capacity);
+        let actor = ShardActor {
+            index,
+            rx,
+            schema,
+            store,
+            writer,
+            partials: HashMap::new(),
+            bytes: 0,
+            reported: (0, 0),
+            metrics,
+            flush_interval: settings.flush_interval,
+            max_dirty: settings.max_dirty,
+            cancel,
+            failures: 0,
+            retry_at: None,
+        };
+        (ShardHandle { tx }, tokio::spawn(actor.run()))
+    }
+
+    async fn run(mut self) {
+        let mut ticker = tokio::time::interval(self.flush_interval);
+        ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                biased;
+                _ = self.cancel.cancelled() => break,
+                msg = self.rx.recv() => match msg {
+                    Some(msg) => self.handle(msg).await,
+                    None => break,
+                },
+                _ = ticker.tick() => self.flush().await,
+            }
+        }
+        // Final step: take what is already queued, then persist everything.
+        self.rx.close();
+        while let Some(msg) = self.rx.recv().await {
+            self.handle(msg).await;
+        }
+        let mut attempts = 0;
+        while !self.partials.is_empty() && attempts < 20 {
+            self.retry_at = None;
+            self.flush().await;
+            if !self.partials.is_empty() {
+                attempts += 1;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+        if !self.partials.is_empty() {
+            tracing::error!(
+                shard = self.index,
+                partials = self.partials.len(),
+                "Shard stopped with partials the state store did not take; they are lost."
+            );
+        }
+    }
+
+    async fn handle(&mut self, msg: ShardMsg) {
+        match msg {
+            ShardMsg::Parts(parts) => self.apply(parts).await,
+            ShardMsg::Flush(done) => {
+                self.flush().await;
+                let _ = done.send(());
+            }
+        }
+    }
+
+    async fn apply(&mut self, parts: Vec<Part>) {
+        let mut complete = Vec::new();
+        let slots = self.schema.len();
+        for mut part in parts {
+            let id = std::mem::take(&mut part.id);
+            match self.partials.get_mut(&id) {
+                Some(partial) => {
+                    self.bytes = self.bytes.saturating_add_signed(partial.apply(part));
+                    if partial.is_complete(&self.schema) {
+                        let partial = self.partials.remove(&id).expect("present");
+                        self.bytes -= partial.vector_bytes();
+                        complete.push(partial.into_document(id));
+                    }
+                }
+                None => {
+                    let mut partial = Partial::new(slots, part.received_at);
+                    partial.apply(part);
+                    if partial.is_complete(&self.schema) {
+                        complete.push(partial.into_document(id));
+                    } else {
+                        self.bytes += partial.vector_bytes();
+                        self.partials.insert(id, partial);
+                    }
+                }
+            }
+        }
+        self.metrics
+            .documents_completed
+            .get_or_create(&CompletedLabels {
+                path: CompletedIn::Memory,
+            })
+            .inc_by(complete.len() as u64);
+        self.send(complete).await;
+        if self.partials.len() >= self.max_dirty {
+            self.flush().await;
+        } else {
+            self.report_resident();
+        }
+    }
+
+    /// Merges every dirty partial into the store and evicts it from memory, unless the
+    /// store failed recently and its backoff has not passed.
+    async fn flush(&mut self) {
+        if self.partials.is_empty()
+            || self
+                .retry_at
+                .is_some_and(|at| tokio::time::Instant::now() < at)
+        {
+            return;
+        }
+        let batch: Vec<(String, Partial)> = self.partials.drain().collect();
+        self.metrics.store_flushes.inc();
+        self.metrics.store_merges.inc_by(batch.len() as u64);
+        self.metrics.store_merge_bytes.inc_by(self.bytes as u64);
+        self.bytes = 0;
+        let started = Instant::now();
+        let mut complete = Vec::new();
+        match self.store.merge(&batch).await {
+            Ok(outcomes) => {
+                let mut failed = 0;
+                let mut last_error = None;
+                for ((id, partial), outcome) in batch.into_iter().zip(outcomes) {
+                    match outcome {
+                        MergeOutcome::Persisted => {}
+                        MergeOutcome::Completed(mut doc) => {
+                            doc.received_at = partial.received_at;
+                            complete.push(doc);
+                        }
+                        MergeOutcome::Failed(e) => {
+                            failed += 1;
+                            last_error = Some(e);
+                            self.restore(id, partial);
+                        }
+                    }
+                }
+                match last_error {
+                    Some(error) => {
+                        self.failed_flush();
+                        tracing::warn!(shard = self.index, failed, %error, "Some partials were not merged; they stay in memory for the next flush.");
+                    }
+                    None => self.failures = 0,
+                }
+            }
+            Err(error) => {
+                self.failed_flush();
+                tracing::warn!(shard = self.index, partials = batch.len(), failures = self.failures, %error, "Flush to the state store failed; partials stay in memory for the next flush.");
+                for (id, partial) in batch {
+                    self.restore(id, partial);
+                }
+            }
+        }
+        if self.failures == 0 {
+            self.retry_at = None;
+        }
+        self.metrics
+            .store_flush_seconds
+            .observe(started.elapsed().as_secs_f64());
+        self.metrics
+            .documents_completed
+            .get_or_create(&CompletedLabels {
+                path: CompletedIn::Store,
+            })
+            .inc_by(complete.len() as u64);
+        self.report_resident();
+        self.send(complete).await;
+    }
+
+    /// Moves the shared resident gauges by this shard's change since it last reported.
+    fn report_resident(&mut self) {
+        let now = (self.partials.len() as i64, self.bytes as i64);
+        self.metrics
+            .partials_resident
+            .inc_by(now.0 - self.reported.0);
+        self.metrics
+            .partial_bytes_resident
+            .inc_by(now.1 - self.reported.1);
+        self.reported = now;
+    }
+
+    fn failed_flush(&mut self) {
+        self.metrics.store_flush_failures.inc();
+        self.failures += 1;
+        let backoff = self
+            .flush_interval
+            .saturating_mul(1 << self.failures.min(16))
+            .min(MAX_FLUSH_BACKOFF);
+        self.retry_at = Some(tokio::time::Instant::now() + backoff);
+    }
+
+    /// Puts back a partial whose merge failed; parts that arrived since win.
+    fn restore(&mut self, id: String, old: Partial) {
+        match self.partials.get_mut(&id) {
+            None => {
+                self.bytes += old.vector_bytes();
+                self.partials.insert(id, old);
+            }
+            Some(newer) => {
+                let mut added = 0;
+                for (slot, (vector, meta)) in old.vectors.into_iter().zip(old.metadata).enumerate()
+                {
+                    if newer.vectors[slot].is_none() {
+                        added += vector.as_ref().map_or(0, |v| v.len() * 4);
+                        newer.vectors[slot] = vector;
+                        newer.metadata[slot] = meta;
+                    }
+                }
+                self.bytes += added;
+            }
+        }
+    }
+
+    async fn send(&self, docs: Vec<Document>) {
+        if docs.is_empty() {
+            return;
+        }
+        if let Err(closed) = self.writer.send(docs).await {
+            let ids: Vec<String> = closed.0.into_iter().map(|d| d.id).collect();
+            tracing::error!(
+                shard = self.index,
+                ?ids,
+                "Complete documents lost: the bulk writer has stopped."
+            );
+        }
+    }
+}

@@ -1,0 +1,123 @@
+//! Encodes documents as `_bulk` NDJSON: an `index` action line with `_id` = the item id
+//! (so a resend overwrites instead of duplicating), then the document source line.
+//! Each document is encoded once, straight into the request buffer.
+
+use std::io::Write;
+use std::ops::Range;
+
+use bytes::BytesMut;
+
+use crate::model::document::rfc3339;
+use crate::model::{Document, Schema};
+
+/// Appends one `index` operation (action line and source line, each ending in `\n`).
+/// Returns the byte range of the source line (without its newline) inside `buf`.
+pub fn encode_index_op(buf: &mut BytesMut, doc: &Document, schema: &Schema) -> Range<usize> {
+    let mut w = Writer(buf);
+    w.raw(b"{\"index\":{\"_id\":");
+    w.json_str(&doc.id);
+    w.raw(b"}}\n");
+    let start = w.0.len();
+    w.raw(b"{\"id\":");
+    w.json_str(&doc.id);
+    let mut floats = ryu::Buffer::new();
+    for (slot, vector) in doc.vectors.iter().enumerate() {
+        w.raw(b",\"");
+        w.raw(schema.part(slot).field.as_bytes()); // validated: a plain name, no escaping needed
+        w.raw(b"\":[");
+        for (i, x) in vector.iter().enumerate() {
+            if i > 0 {
+                w.raw(b",");
+            }
+            w.raw(floats.format_finite(*x).as_bytes());
+        }
+        w.raw(b"]");
+    }
+    w.raw(b",\"completed_at\":\"");
+    w.raw(rfc3339(doc.completed_at).as_bytes());
+    w.raw(b"\"");
+    if let Some(meta) = &doc.metadata {
+        for (key, value) in meta {
+            w.raw(b",");
+            w.json_str(key);
+            w.raw(b":");
+            serde_json::to_writer(&mut w, value).expect("writing to memory cannot fail");
+        }
+    }
+    w.raw(b"}");
+    let end = w.0.len();
+    w.raw(b"\n");
+    start..end
+}
+
+struct Writer<'a>(&'a mut BytesMut);
+
+impl Writer<'_> {
+    fn raw(&mut self, bytes: &[u8]) {
+        self.0.extend_from_slice(bytes);
+    }
+    fn json_str(&mut self, s: &str) {
+        serde_json::to_writer(&mut *self, s).expect("writing to memory cannot fail");
+    }
+}
+
+impl Write for Writer<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::PartSettings;
+    use std::time::{Instant, SystemTime};
+
+    #[test]
+    fn encodes_action_and_source_lines_that_round_trip() {
+        let schema = Schema::new(&[
+            PartSettings {
+                type_name: "T".into(),
+                field: "text_embedding".into(),
+                dims: 2,
+            },
+            PartSettings {
+                type_name: "I".into(),
+                field: "image_embedding".into(),
+                dims: 1,
+            },
+        ]);
+        let doc = Document {
+            id: "sku-\"1\"".into(),
+            vectors: vec![vec![0.1, -3.5e-7], vec![16777216.0]],
+            metadata: serde_json::json!({"lang": "en", "n": [1, 2]})
+                .as_object()
+                .cloned(),
+            completed_at: SystemTime::UNIX_EPOCH,
+            received_at: Instant::now(),
+        };
+        let mut buf = BytesMut::new();
+        let source = encode_index_op(&mut buf, &doc, &schema);
+        let text = std::str::from_utf8(&buf).unwrap();
+        let lines: Vec<&str> = text.split_terminator('\n').collect();
+        assert_eq!(lines.len(), 2);
+        assert!(text.ends_with('\n'));
+        let action: serde_json::Value = serde_json::from_str(lines[0]).unwrap();
+        assert_eq!(action["index"]["_id"], "sku-\"1\"");
+        assert_eq!(&buf[source], lines[1].as_bytes());
+        let src: serde_json::Value = serde_json::from_str(lines[1]).unwrap();
+        assert_eq!(
+            src["text_embedding"][1].as_f64().unwrap() as f32,
+            -3.5e-7f32
+        );
+        assert_eq!(src["text_embedding"][0].as_f64().unwrap() as f32, 0.1f32);
+        assert_eq!(src["image_embedding"][0], 16777216.0);
+        assert_eq!(src["completed_at"], "1970-01-01T00:00:00.000Z");
+        assert_eq!(src["lang"], "en");
+        assert_eq!(src["id"], "sku-\"1\"");
+    }
+}

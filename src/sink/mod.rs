@@ -1,0 +1,89 @@
+//! Where complete documents go: the bulk writer actor ([`writer`]) batches them into
+//! `_bulk` requests for the configured sink client, reads every item's result, retries what
+//! can be retried ([`retry`]) and dead-letters the rest; nothing is dropped without a trace.
+
+pub mod elasticsearch;
+pub mod encode;
+pub mod retry;
+pub mod writer;
+
+use bytes::Bytes;
+
+use crate::config::{Settings, SinkBackend};
+use crate::model::Schema;
+
+/// The result of one operation of a bulk request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ItemStatus {
+    pub status: u16,
+    /// Error type and reason, for a failed item.
+    pub error: Option<(String, String)>,
+}
+
+impl ItemStatus {
+    pub fn is_success(&self) -> bool {
+        (200..300).contains(&self.status)
+    }
+}
+
+/// A whole-request failure.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum SinkError {
+    /// No answer: connection refused, dropped or timed out. The items may or may not have
+    /// been applied; resending is safe because `_id` is fixed.
+    #[error("transport: {0}")]
+    Transport(String),
+    /// The sink answered the whole request with an error status.
+    #[error("status {status} {error_type}: {reason}")]
+    Status {
+        status: u16,
+        error_type: String,
+        reason: String,
+    },
+    /// The sink answered something embedjoin cannot read.
+    #[error("protocol: {0}")]
+    Protocol(String),
+    /// The sink cannot be set up from the settings.
+    #[error("config: {0}")]
+    Config(String),
+}
+
+/// The configured sink.
+#[derive(Clone)]
+pub enum SinkClient {
+    Elasticsearch(elasticsearch::EsSink),
+}
+
+impl SinkClient {
+    pub fn new(settings: &Settings) -> Result<SinkClient, SinkError> {
+        match settings.sink.backend {
+            SinkBackend::Elasticsearch => Ok(SinkClient::Elasticsearch(
+                elasticsearch::EsSink::new(&settings.elasticsearch)?,
+            )),
+        }
+    }
+
+    /// Prepares the destination (creates the index) when the settings ask for it.
+    pub async fn prepare(&self, settings: &Settings, schema: &Schema) -> Result<(), SinkError> {
+        match self {
+            SinkClient::Elasticsearch(es) if settings.elasticsearch.create_index => {
+                es.ensure_index(schema, settings.elasticsearch.similarity.as_str())
+                    .await
+            }
+            SinkClient::Elasticsearch(_) => Ok(()),
+        }
+    }
+
+    /// Sends one bulk body of `count` operations.
+    pub async fn bulk(&self, body: Bytes, count: usize) -> Result<Vec<ItemStatus>, SinkError> {
+        match self {
+            SinkClient::Elasticsearch(es) => es.bulk(body, count).await,
+        }
+    }
+
+    pub async fn ping(&self) -> Result<(), SinkError> {
+        match self {
+            SinkClient::Elasticsearch(es) => es.ping().await,
+        }
+    }
+}
