@@ -8,6 +8,7 @@
 use std::future::Future;
 use std::net::TcpListener;
 use std::sync::Arc;
+use std::time::Duration;
 
 use actix_web::dev::Server;
 use anyhow::Context;
@@ -15,13 +16,14 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Settings;
-use crate::http::{self, AppState};
+use crate::http::{self, AppState, Durability};
 use crate::metrics::Metrics;
 use crate::model::ingest::Limits;
 use crate::model::Schema;
 use crate::shard::{Router, ShardActor};
 use crate::sink::writer::BulkWriter;
 use crate::sink::SinkClient;
+use crate::state::maintenance::Maintenance;
 use crate::state::StateStore;
 
 /// The running actors behind ingress.
@@ -32,8 +34,13 @@ pub struct Pipeline {
     pub sink: SinkClient,
     pub metrics: Arc<Metrics>,
     shards: Vec<JoinHandle<()>>,
+    maintenance: JoinHandle<()>,
     writer: JoinHandle<()>,
+    /// Stops the shards and the maintenance actor.
     cancel: CancellationToken,
+    /// Tells the writer to stop waiting for the sink and park what it holds.
+    give_up: CancellationToken,
+    shutdown_deadline: Duration,
 }
 
 impl Pipeline {
@@ -42,26 +49,21 @@ impl Pipeline {
         let schema = Schema::new(&settings.parts);
         let store = StateStore::connect(settings, &schema)
             .await
-            .with_context(|| {
-                format!(
-                    "cannot connect to the state store ({:?})",
-                    settings.state.backend
-                )
-            })?;
+            .with_context(|| format!("cannot connect to the state store ({:?})", settings.state.backend))?;
         let sink = SinkClient::new(settings)?;
-        sink.prepare(settings, &schema)
-            .await
-            .context("cannot prepare the sink")?;
+        sink.prepare(settings, &schema).await.context("cannot prepare the sink")?;
         let metrics = Arc::new(Metrics::new());
+        let (cancel, give_up) = (CancellationToken::new(), CancellationToken::new());
         let (writer_handle, writer) = BulkWriter::spawn(
             &settings.elasticsearch,
-            settings.shards.mailbox_capacity,
+            // Each message holds up to a flush of documents: bound it tightly.
+            settings.shard_count().max(4),
             schema.clone(),
             sink.clone(),
             store.clone(),
             metrics.clone(),
+            give_up.clone(),
         );
-        let cancel = CancellationToken::new();
         let (handles, shards) = (0..settings.shard_count())
             .map(|i| {
                 ShardActor::spawn(
@@ -75,6 +77,9 @@ impl Pipeline {
                 )
             })
             .unzip();
+        // Its first round, right away, resends what a previous run left in the outbox.
+        let maintenance =
+            Maintenance::spawn(settings, store.clone(), writer_handle, schema.clone(), metrics.clone(), cancel.clone());
         Ok(Pipeline {
             router: Router::new(handles),
             schema: Arc::new(schema),
@@ -82,18 +87,33 @@ impl Pipeline {
             sink,
             metrics,
             shards,
+            maintenance,
             writer,
             cancel,
+            give_up,
+            shutdown_deadline: settings.durability.shutdown_deadline,
         })
     }
 
-    /// Drains every actor: dirty partials reach the store, complete documents the sink.
+    /// Drains every actor: queued parts are applied, dirty partials reach the store,
+    /// complete documents the sink, until the shutdown deadline; what the sink has not
+    /// taken by then is parked in the store's outbox.
     pub async fn shutdown(self) {
+        let deadline = tokio::time::Instant::now() + self.shutdown_deadline;
         self.cancel.cancel();
         for shard in self.shards {
             let _ = shard.await;
         }
-        let _ = self.writer.await;
+        let _ = self.maintenance.await;
+        let mut writer = self.writer;
+        tokio::select! {
+            _ = &mut writer => {}
+            _ = tokio::time::sleep_until(deadline) => {
+                tracing::warn!("Shutdown deadline passed; parking undelivered documents in the state store.");
+                self.give_up.cancel();
+                let _ = writer.await;
+            }
+        }
     }
 }
 
@@ -122,6 +142,12 @@ impl Application {
             store: pipeline.store.clone(),
             sink: pipeline.sink.clone(),
             metrics: pipeline.metrics.clone(),
+            durability: Durability {
+                ack: settings.durability.ack,
+                ack_timeout: settings.durability.ack_timeout,
+                enqueue_timeout: settings.durability.enqueue_timeout,
+                max_resident_bytes: settings.shards.max_resident_bytes,
+            },
         };
         let server = http::server(listener, state, &settings)?;
         Ok(Application {

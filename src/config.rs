@@ -43,6 +43,7 @@ pub struct Settings {
     pub parts: Vec<PartSettings>,
     pub http: HttpSettings,
     pub shards: ShardSettings,
+    pub durability: DurabilitySettings,
     pub state: StateSettings,
     pub redis: RedisSettings,
     pub sink: SinkSettings,
@@ -89,6 +90,43 @@ pub struct ShardSettings {
     pub flush_interval: Duration,
     /// Dirty partials that trigger an early flush.
     pub max_dirty: usize,
+    /// Vector bytes of partials held in memory, over all shards, above which ingress sheds load.
+    pub max_resident_bytes: usize,
+}
+
+/// When a request is acknowledged.
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum AckMode {
+    /// Once the parts are queued in memory.
+    Accepted,
+    /// Once every part is in the state store, or its document confirmed by the sink.
+    Persisted,
+}
+
+/// What happens to a partial that never completes.
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum OrphanAction {
+    Drop,
+    DeadLetter,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct DurabilitySettings {
+    pub ack: AckMode,
+    #[serde(with = "humantime_serde")]
+    pub ack_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    pub enqueue_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    pub shutdown_deadline: Duration,
+    #[serde(with = "humantime_serde")]
+    pub outbox_resend_after: Duration,
+    #[serde(with = "humantime_serde")]
+    pub maintenance_interval: Duration,
+    pub orphans: OrphanAction,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
@@ -125,6 +163,8 @@ pub struct RedisSettings {
 #[serde(rename_all = "lowercase")]
 pub enum SinkBackend {
     Elasticsearch,
+    /// Discards documents (every item acknowledged, no I/O), for benchmarks.
+    Null,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -309,6 +349,12 @@ impl Settings {
         }
         positive("shards.mailbox_capacity", self.shards.mailbox_capacity)?;
         positive("shards.max_dirty", self.shards.max_dirty)?;
+        positive("shards.max_resident_bytes", self.shards.max_resident_bytes)?;
+        let d = &self.durability;
+        nonzero_duration("durability.ack_timeout", d.ack_timeout)?;
+        nonzero_duration("durability.enqueue_timeout", d.enqueue_timeout)?;
+        nonzero_duration("durability.maintenance_interval", d.maintenance_interval)?;
+        nonzero_duration("durability.outbox_resend_after", d.outbox_resend_after)?;
         nonzero_duration("shards.flush_interval", self.shards.flush_interval)?;
         if self.shards.count > 4096 {
             return Err(invalid("shards.count", "must be at most 4096"));

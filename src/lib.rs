@@ -19,8 +19,10 @@
 //! - [`sink`]: the bulk writer and the Elasticsearch client.
 //! - [`metrics`]: every exported metric, defined in one place.
 //! - [`app`]: assembles everything; [`shutdown`] and [`telemetry`] serve the binary.
+//! - [`bench`]: `embedjoin bench`, the in-process (or `--http`) benchmark.
 
 pub mod app;
+pub mod bench;
 pub mod config;
 pub mod http;
 pub mod metrics;

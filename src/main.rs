@@ -23,6 +23,9 @@ struct Cli {
 enum Command {
     /// Serve the HTTP API (the default).
     Serve,
+    /// Measure the whole pipeline in this process with generated load (or a running
+    /// server with --http), and print a summary.
+    Bench(embedjoin::bench::BenchArgs),
 }
 
 fn main() -> ExitCode {
@@ -39,6 +42,7 @@ fn main() -> ExitCode {
     let result = runtime.block_on(async {
         match cli.command.unwrap_or(Command::Serve) {
             Command::Serve => serve(settings).await,
+            Command::Bench(args) => embedjoin::bench::run(settings, args).await,
         }
     });
     match result {

@@ -47,8 +47,13 @@ pub struct Metrics {
     pub documents_completed: Family<CompletedLabels, Counter>,
     pub documents_indexed: Counter,
     pub dead_letters: Counter,
+    pub orphans_expired: Counter,
+    pub outbox_resent: Counter,
+    pub state_resets: Counter,
+    pub overloaded: Counter,
     pub store_flushes: Counter,
     pub store_merges: Counter,
+    pub store_confirms: Counter,
     pub store_merge_bytes: Counter,
     pub store_flush_failures: Counter,
     pub store_flush_seconds: Histogram,
@@ -82,8 +87,13 @@ impl Metrics {
             documents_completed: Family::default(),
             documents_indexed: Counter::default(),
             dead_letters: Counter::default(),
+            orphans_expired: Counter::default(),
+            outbox_resent: Counter::default(),
+            state_resets: Counter::default(),
+            overloaded: Counter::default(),
             store_flushes: Counter::default(),
             store_merges: Counter::default(),
+            store_confirms: Counter::default(),
             store_merge_bytes: Counter::default(),
             store_flush_failures: Counter::default(),
             store_flush_seconds: latency_buckets(),
@@ -127,6 +137,11 @@ impl Metrics {
             "Documents the sink refused for good",
             m.dead_letters.clone(),
         );
+        r.register("store_confirms", "Outbox confirmations sent to the state store", m.store_confirms.clone());
+        r.register("orphans_expired", "Partial items that did not complete within the TTL", m.orphans_expired.clone());
+        r.register("outbox_resent", "Completed documents resent from the outbox", m.outbox_resent.clone());
+        r.register("state_resets", "Times the state store was found to have lost its data", m.state_resets.clone());
+        r.register("overloaded", "Requests refused with 503 because the pipeline was saturated", m.overloaded.clone());
         r.register(
             "store_flushes",
             "Flushes of dirty partials to the state store",

@@ -20,6 +20,10 @@ pub enum ApiError {
     BadBody(String),
     #[error("the service is shutting down; retry on another instance")]
     ShuttingDown,
+    #[error("the service is saturated ({0}); retry later")]
+    Overloaded(&'static str),
+    #[error("the parts were taken but not stored durably within {0:?}; retry the request")]
+    NotDurableInTime(std::time::Duration),
 }
 
 impl ApiError {
@@ -32,6 +36,8 @@ impl ApiError {
             ApiError::EmptyBatch => "empty_batch",
             ApiError::BadBody(_) => "bad_body",
             ApiError::ShuttingDown => "shutting_down",
+            ApiError::Overloaded(_) => "overloaded",
+            ApiError::NotDurableInTime(_) => "not_durable_in_time",
         }
     }
 }
@@ -46,13 +52,15 @@ impl ResponseError for ApiError {
             ApiError::BodyTooLarge { .. } | ApiError::TooManyItems { .. } => {
                 StatusCode::PAYLOAD_TOO_LARGE
             }
-            ApiError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::ShuttingDown | ApiError::Overloaded(_) | ApiError::NotDurableInTime(_) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
         }
     }
 
     fn error_response(&self) -> HttpResponse {
         let mut response = HttpResponse::build(self.status_code());
-        if matches!(self, ApiError::ShuttingDown) {
+        if self.status_code() == StatusCode::SERVICE_UNAVAILABLE {
             response.insert_header(("Retry-After", "1"));
         }
         response

@@ -8,7 +8,10 @@ use serde::Serialize;
 
 use super::error::ApiError;
 use super::AppState;
+use crate::config::AckMode;
 use crate::metrics::ReasonLabels;
+use crate::model::{AckGroup, Part};
+use crate::shard::SubmitError;
 use crate::model::ingest::{parse_batch, Rejection};
 
 /// The answer to an ingest request.
@@ -47,11 +50,7 @@ pub async fn aggregate(
     }
     let accepted = parts.len();
     if accepted > 0 {
-        state
-            .router
-            .submit(parts)
-            .await
-            .map_err(|_| ApiError::ShuttingDown)?;
+        submit(&state, parts).await?;
     }
     state.metrics.parts_received.inc_by(accepted as u64);
     for r in &rejected {
@@ -70,6 +69,33 @@ pub async fn aggregate(
         HttpResponse::Accepted()
     }
     .json(response))
+}
+
+/// Hands the parts to the shards and, in `persisted` mode, waits until they are durable.
+async fn submit(state: &AppState, mut parts: Vec<Part>) -> Result<(), ApiError> {
+    if state.metrics.partial_bytes_resident.get() as usize > state.durability.max_resident_bytes {
+        state.metrics.overloaded.inc();
+        return Err(ApiError::Overloaded("partials held in memory are at their cap"));
+    }
+    let group = (state.durability.ack == AckMode::Persisted).then(|| AckGroup::new(parts.len()));
+    if let Some(group) = &group {
+        for part in &mut parts {
+            part.ack = Some(group.clone());
+        }
+    }
+    match state.router.try_submit(parts, state.durability.enqueue_timeout).await {
+        Ok(()) => {}
+        Err(SubmitError::Busy) => {
+            state.metrics.overloaded.inc();
+            return Err(ApiError::Overloaded("shard mailboxes are full"));
+        }
+        Err(SubmitError::Closed) => return Err(ApiError::ShuttingDown),
+    }
+    if let Some(group) = group {
+        let timeout = state.durability.ack_timeout;
+        tokio::time::timeout(timeout, group.wait()).await.map_err(|_| ApiError::NotDurableInTime(timeout))?;
+    }
+    Ok(())
 }
 
 fn check_content_type(req: &HttpRequest) -> Result<(), ApiError> {

@@ -28,6 +28,16 @@ pub struct AppState {
     pub store: StateStore,
     pub sink: SinkClient,
     pub metrics: Arc<Metrics>,
+    pub durability: Durability,
+}
+
+/// What ingress needs of the durability settings.
+#[derive(Debug, Clone, Copy)]
+pub struct Durability {
+    pub ack: crate::config::AckMode,
+    pub ack_timeout: std::time::Duration,
+    pub enqueue_timeout: std::time::Duration,
+    pub max_resident_bytes: usize,
 }
 
 /// Builds the server on an already bound listener. It does not handle signals: the caller

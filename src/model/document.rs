@@ -1,8 +1,9 @@
 //! A complete document, and the partial it is assembled from.
 
+use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
-use super::{Metadata, Part, Schema};
+use super::{AckGroup, Metadata, Part, Schema};
 
 /// A document with every configured part present, ready for the sink.
 #[derive(Debug, Clone)]
@@ -15,6 +16,11 @@ pub struct Document {
     pub completed_at: SystemTime,
     /// When the part that completed it was received, for latency.
     pub received_at: Instant,
+    /// Its completion token in the state store's outbox, if it completed there: the sink's
+    /// confirmation removes it from the outbox. `None` when it completed in memory.
+    pub outbox: Option<String>,
+    /// Requests waiting for it to be confirmed (`persisted` mode, completed in memory).
+    pub acks: Vec<Arc<AckGroup>>,
 }
 
 /// The parts of one item held in memory by its shard.
@@ -26,15 +32,31 @@ pub struct Partial {
     pub metadata: Vec<Option<Metadata>>,
     /// Arrival of the newest part.
     pub received_at: Instant,
+    /// Requests waiting for these parts to be durable.
+    pub acks: Vec<Arc<AckGroup>>,
+    /// A merge of it failed without a clear answer (a timeout): the store may hold its
+    /// parts, so it must complete through the store, never in memory alone.
+    pub maybe_stored: bool,
 }
 
 impl Partial {
     pub fn new(slots: usize, now: Instant) -> Partial {
-        Partial {
-            vectors: vec![None; slots],
-            metadata: vec![None; slots],
-            received_at: now,
-        }
+        Partial { vectors: vec![None; slots], metadata: vec![None; slots], received_at: now, acks: Vec::new(), maybe_stored: false }
+    }
+
+    /// A partial holding every part of a document, to store it again (shutdown).
+    pub fn from_document(doc: Document) -> (String, Partial) {
+        let slots = doc.vectors.len();
+        let mut metadata = vec![None; slots];
+        metadata[0] = doc.metadata;
+        let partial = Partial {
+            vectors: doc.vectors.into_iter().map(Some).collect(),
+            metadata,
+            received_at: doc.received_at,
+            acks: doc.acks,
+            maybe_stored: false,
+        };
+        (doc.id, partial)
     }
 
     /// Sets (or replaces: the newest copy of a part wins) one part. Returns the change in
@@ -44,15 +66,12 @@ impl Partial {
         let old = self.vectors[part.slot].replace(part.vector);
         self.metadata[part.slot] = part.metadata;
         self.received_at = part.received_at;
+        self.acks.extend(part.ack);
         added - old.map_or(0, |v| (v.len() * 4) as isize)
     }
 
     pub fn mask(&self) -> u32 {
-        self.vectors
-            .iter()
-            .enumerate()
-            .filter(|(_, v)| v.is_some())
-            .fold(0, |m, (i, _)| m | (1 << i))
+        self.vectors.iter().enumerate().filter(|(_, v)| v.is_some()).fold(0, |m, (i, _)| m | (1 << i))
     }
 
     pub fn is_complete(&self, schema: &Schema) -> bool {
@@ -68,14 +87,12 @@ impl Partial {
     pub fn into_document(self, id: String) -> Document {
         Document {
             id,
-            vectors: self
-                .vectors
-                .into_iter()
-                .map(|v| v.expect("complete"))
-                .collect(),
+            vectors: self.vectors.into_iter().map(|v| v.expect("complete")).collect(),
             metadata: merge_metadata(self.metadata),
             completed_at: SystemTime::now(),
             received_at: self.received_at,
+            outbox: None,
+            acks: self.acks,
         }
     }
 }

@@ -3,8 +3,11 @@
 //! Parsing is strict about JSON and lenient about items: malformed JSON fails the whole
 //! request, but an item whose fields have the wrong type (a string in a vector, a numeric
 //! id, ...) is parsed into a [`RawItem`] that remembers what was wrong, so that validation
-//! can reject that item alone and keep the rest of the batch. Vectors are decoded straight
-//! into `Vec<f32>` with no intermediate `Value`.
+//! can reject that item alone and keep the rest of the batch.
+//!
+//! Two readers give the same [`RawItem`]s: [`decode`], a hand-written scanner that
+//! [`parse_batch`] uses because it is several times faster, and the serde visitors below
+//! ([`parse_batch_serde`]), the reference that tests and benches compare it with.
 
 use std::fmt;
 use std::time::Instant;
@@ -13,6 +16,12 @@ use serde::de::{self, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde::{Deserialize, Serialize};
 
 use super::{Metadata, Part, Schema, RESERVED_FIELDS};
+
+// A child of this module (though it sits beside it) so that it can build `RawItem`s.
+#[path = "decode.rs"]
+pub mod decode;
+
+pub use decode::DecodeError;
 
 /// The request body.
 #[derive(Debug, Deserialize)]
@@ -160,6 +169,7 @@ impl RawItem {
             vector,
             metadata,
             received_at: now,
+            ack: None,
         })
     }
 }
@@ -435,22 +445,33 @@ impl<'de> Deserialize<'de> for Number {
 }
 
 /// Parses and validates a request body: `Err` only when the JSON itself is unusable.
-pub fn parse_batch(
+pub fn parse_batch(body: &[u8], schema: &Schema, limits: Limits) -> Result<(Vec<Part>, Vec<Rejection>), DecodeError> {
+    let items = decode::decode_items(body, schema)?;
+    Ok(validate_all(items, schema, limits))
+}
+
+/// [`parse_batch`] through serde_json and the visitors above: the reference the fast
+/// decoder is tested and benchmarked against.
+pub fn parse_batch_serde(
     body: &[u8],
     schema: &Schema,
     limits: Limits,
 ) -> Result<(Vec<Part>, Vec<Rejection>), serde_json::Error> {
     let request: IngestRequest = serde_json::from_slice(body)?;
+    Ok(validate_all(request.embeddings, schema, limits))
+}
+
+fn validate_all(items: Vec<RawItem>, schema: &Schema, limits: Limits) -> (Vec<Part>, Vec<Rejection>) {
     let now = Instant::now();
-    let mut parts = Vec::with_capacity(request.embeddings.len());
+    let mut parts = Vec::with_capacity(items.len());
     let mut rejected = Vec::new();
-    for (index, raw) in request.embeddings.into_iter().enumerate() {
+    for (index, raw) in items.into_iter().enumerate() {
         match raw.validate(index, schema, limits, now) {
             Ok(part) => parts.push(part),
             Err(rejection) => rejected.push(rejection),
         }
     }
-    Ok((parts, rejected))
+    (parts, rejected)
 }
 
 #[cfg(test)]

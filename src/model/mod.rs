@@ -1,16 +1,19 @@
 //! The data contract: the parts an item is made of ([`Schema`]), the request body clients
 //! send ([`ingest`]), a validated part ([`Part`]) and a complete [`Document`].
 
+pub mod ack;
 pub mod document;
 pub mod ingest;
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Instant;
 
 use serde_json::{Map, Value};
 
 use crate::config::PartSettings;
 
+pub use ack::AckGroup;
 pub use document::Document;
 
 /// Most parts a document may have (a part set is a `u32` bit mask).
@@ -97,4 +100,12 @@ pub struct Part {
     pub metadata: Option<Metadata>,
     /// When ingress accepted it, for part-to-index latency.
     pub received_at: Instant,
+    /// The request waiting for this part to be durable (`persisted` ack mode only).
+    pub ack: Option<Arc<AckGroup>>,
+}
+
+impl Part {
+    pub fn new(id: String, slot: usize, vector: Vec<f32>, metadata: Option<Metadata>) -> Part {
+        Part { id, slot, vector, metadata, received_at: Instant::now(), ack: None }
+    }
 }

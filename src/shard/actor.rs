@@ -8,7 +8,9 @@
 //!   part for the same id merges there. Items the store reports complete go to the writer.
 //! - Flushes run one at a time, inside the actor, so a newer copy of a part can never be
 //!   overwritten in the store by an older one.
-//! - A failed merge keeps the partial in memory (newer parts win) for the next flush.
+//! - A failed merge keeps the partial in memory (newer parts win) for the next flush, marked
+//!   "maybe stored": after a timeout the store may have applied it, so from then on it
+//!   completes only through the store's atomic merge, which leaves no orphan behind.
 //!
 //! What may be lost: partials not yet flushed when the process dies without shutdown (at
 //! most one flush interval of parts). On shutdown the actor drains its mailbox and
@@ -26,6 +28,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::ShardSettings;
 use crate::metrics::{CompletedIn, CompletedLabels, Metrics};
+use crate::model::ack::ack_all;
 use crate::model::document::Partial;
 use crate::model::{Document, Part, Schema};
 use crate::sink::writer::WriterHandle;
@@ -55,6 +58,11 @@ impl ShardHandle {
             .send(ShardMsg::Parts(parts))
             .await
             .map_err(|_| ShardClosed)
+    }
+
+    /// A slot in the mailbox, to send into without waiting.
+    pub async fn reserve(&self) -> Result<mpsc::Permit<'_, ShardMsg>, ShardClosed> {
+        self.tx.reserve().await.map_err(|_| ShardClosed)
     }
 
     pub async fn flush(&self) -> Result<(), ShardClosed> {
@@ -178,7 +186,7 @@ impl ShardActor {
             match self.partials.get_mut(&id) {
                 Some(partial) => {
                     self.bytes = self.bytes.saturating_add_signed(partial.apply(part));
-                    if partial.is_complete(&self.schema) {
+                    if partial.is_complete(&self.schema) && !partial.maybe_stored {
                         let partial = self.partials.remove(&id).expect("present");
                         self.bytes -= partial.vector_bytes();
                         complete.push(partial.into_document(id));
@@ -233,9 +241,11 @@ impl ShardActor {
                 let mut last_error = None;
                 for ((id, partial), outcome) in batch.into_iter().zip(outcomes) {
                     match outcome {
-                        MergeOutcome::Persisted => {}
+                        // Durable either way: stored as a partial, or in the outbox.
+                        MergeOutcome::Persisted => ack_all(partial.acks),
                         MergeOutcome::Completed(mut doc) => {
                             doc.received_at = partial.received_at;
+                            ack_all(partial.acks);
                             complete.push(doc);
                         }
                         MergeOutcome::Failed(e) => {
@@ -300,13 +310,16 @@ impl ShardActor {
     }
 
     /// Puts back a partial whose merge failed; parts that arrived since win.
-    fn restore(&mut self, id: String, old: Partial) {
+    fn restore(&mut self, id: String, mut old: Partial) {
+        old.maybe_stored = true;
         match self.partials.get_mut(&id) {
             None => {
                 self.bytes += old.vector_bytes();
                 self.partials.insert(id, old);
             }
             Some(newer) => {
+                newer.maybe_stored = true;
+                newer.acks.extend(old.acks);
                 let mut added = 0;
                 for (slot, (vector, meta)) in old.vectors.into_iter().zip(old.metadata).enumerate()
                 {

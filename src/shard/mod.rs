@@ -5,4 +5,4 @@ pub mod actor;
 pub mod router;
 
 pub use actor::{ShardActor, ShardHandle};
-pub use router::Router;
+pub use router::{Router, SubmitError};

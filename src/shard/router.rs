@@ -4,8 +4,19 @@
 use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
 use std::sync::Arc;
 
-use super::actor::{ShardClosed, ShardHandle};
+use tokio::time::{Duration, Instant};
+
+use super::actor::{ShardClosed, ShardHandle, ShardMsg};
 use crate::model::Part;
+
+/// Why a request's parts were not taken.
+#[derive(Debug, thiserror::Error)]
+pub enum SubmitError {
+    #[error("the shards' mailboxes stayed full")]
+    Busy,
+    #[error("the service is shutting down")]
+    Closed,
+}
 
 #[derive(Clone)]
 pub struct Router {
@@ -31,19 +42,45 @@ impl Router {
             as usize
     }
 
-    /// Hands the parts to their shards, waiting while a shard's mailbox is full.
+    /// Hands the parts to their shards, waiting as long as it takes for room in their
+    /// mailboxes (benchmarks, tools). Ingress uses [`Router::try_submit`].
     pub async fn submit(&self, parts: Vec<Part>) -> Result<(), ShardClosed> {
-        if self.shards.len() == 1 {
-            return self.shards[0].send(parts).await;
+        match self.submit_until(parts, None).await {
+            Err(SubmitError::Closed) => Err(ShardClosed),
+            _ => Ok(()),
         }
+    }
+
+    /// Hands the parts to their shards if every mailbox they need has room within `wait`;
+    /// otherwise takes none of them (`Busy`), so the caller can answer 503.
+    pub async fn try_submit(&self, parts: Vec<Part>, wait: Duration) -> Result<(), SubmitError> {
+        self.submit_until(parts, Some(Instant::now() + wait)).await
+    }
+
+    async fn submit_until(&self, parts: Vec<Part>, deadline: Option<Instant>) -> Result<(), SubmitError> {
         let mut buckets: Vec<Vec<Part>> = (0..self.shards.len()).map(|_| Vec::new()).collect();
-        for part in parts {
-            buckets[self.shard_of(&part.id)].push(part);
-        }
-        for (shard, bucket) in self.shards.iter().zip(buckets) {
-            if !bucket.is_empty() {
-                shard.send(bucket).await?;
+        if self.shards.len() == 1 {
+            buckets[0] = parts;
+        } else {
+            for part in parts {
+                buckets[self.shard_of(&part.id)].push(part);
             }
+        }
+        // Reserve a slot in every mailbox first, in shard order (so that concurrent requests
+        // cannot deadlock), then send: a request is taken whole or not at all.
+        let mut permits = Vec::new();
+        for (shard, bucket) in self.shards.iter().zip(buckets.iter_mut()) {
+            if bucket.is_empty() {
+                continue;
+            }
+            let permit = match deadline {
+                None => shard.reserve().await,
+                Some(at) => tokio::time::timeout_at(at, shard.reserve()).await.map_err(|_| SubmitError::Busy)?,
+            };
+            permits.push((permit.map_err(|_| SubmitError::Closed)?, std::mem::take(bucket)));
+        }
+        for (permit, bucket) in permits {
+            permit.send(ShardMsg::Parts(bucket));
         }
         Ok(())
     }

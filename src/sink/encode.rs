@@ -50,6 +50,28 @@ pub fn encode_index_op(buf: &mut BytesMut, doc: &Document, schema: &Schema) -> R
     start..end
 }
 
+/// Reads back a source line written by [`encode_index_op`], to park an undelivered document
+/// in the state store at shutdown. `None` if it is not one.
+pub fn decode_source(source: &[u8], schema: &Schema) -> Option<Document> {
+    let mut fields: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(source).ok()?;
+    let id = fields.remove("id")?.as_str()?.to_owned();
+    fields.remove("completed_at");
+    let mut vectors = Vec::with_capacity(schema.len());
+    for part in schema.parts() {
+        let values = fields.remove(&part.field)?;
+        vectors.push(values.as_array()?.iter().map(|x| x.as_f64().map(|f| f as f32)).collect::<Option<Vec<f32>>>()?);
+    }
+    Some(Document {
+        id,
+        vectors,
+        metadata: (!fields.is_empty()).then_some(fields),
+        completed_at: std::time::SystemTime::now(),
+        received_at: std::time::Instant::now(),
+        outbox: None,
+        acks: Vec::new(),
+    })
+}
+
 struct Writer<'a>(&'a mut BytesMut);
 
 impl Writer<'_> {
@@ -99,6 +121,8 @@ mod tests {
                 .cloned(),
             completed_at: SystemTime::UNIX_EPOCH,
             received_at: Instant::now(),
+            outbox: None,
+            acks: Vec::new(),
         };
         let mut buf = BytesMut::new();
         let source = encode_index_op(&mut buf, &doc, &schema);
@@ -108,7 +132,7 @@ mod tests {
         assert!(text.ends_with('\n'));
         let action: serde_json::Value = serde_json::from_str(lines[0]).unwrap();
         assert_eq!(action["index"]["_id"], "sku-\"1\"");
-        assert_eq!(&buf[source], lines[1].as_bytes());
+        assert_eq!(&buf[source.clone()], lines[1].as_bytes());
         let src: serde_json::Value = serde_json::from_str(lines[1]).unwrap();
         assert_eq!(
             src["text_embedding"][1].as_f64().unwrap() as f32,
@@ -119,5 +143,9 @@ mod tests {
         assert_eq!(src["completed_at"], "1970-01-01T00:00:00.000Z");
         assert_eq!(src["lang"], "en");
         assert_eq!(src["id"], "sku-\"1\"");
+        let back = decode_source(&buf[source.clone()], &schema).expect("reads back");
+        assert_eq!(back.id, doc.id);
+        assert_eq!(back.vectors, doc.vectors);
+        assert_eq!(back.metadata, doc.metadata);
     }
 }

@@ -52,6 +52,8 @@ pub enum SinkError {
 #[derive(Clone)]
 pub enum SinkClient {
     Elasticsearch(elasticsearch::EsSink),
+    /// Acknowledges every item (201) without I/O: benchmarks measure the pipeline alone.
+    Null,
 }
 
 impl SinkClient {
@@ -60,6 +62,7 @@ impl SinkClient {
             SinkBackend::Elasticsearch => Ok(SinkClient::Elasticsearch(
                 elasticsearch::EsSink::new(&settings.elasticsearch)?,
             )),
+            SinkBackend::Null => Ok(SinkClient::Null),
         }
     }
 
@@ -70,7 +73,7 @@ impl SinkClient {
                 es.ensure_index(schema, settings.elasticsearch.similarity.as_str())
                     .await
             }
-            SinkClient::Elasticsearch(_) => Ok(()),
+            SinkClient::Elasticsearch(_) | SinkClient::Null => Ok(()),
         }
     }
 
@@ -78,12 +81,14 @@ impl SinkClient {
     pub async fn bulk(&self, body: Bytes, count: usize) -> Result<Vec<ItemStatus>, SinkError> {
         match self {
             SinkClient::Elasticsearch(es) => es.bulk(body, count).await,
+            SinkClient::Null => Ok(vec![ItemStatus { status: 201, error: None }; count]),
         }
     }
 
     pub async fn ping(&self) -> Result<(), SinkError> {
         match self {
             SinkClient::Elasticsearch(es) => es.ping().await,
+            SinkClient::Null => Ok(()),
         }
     }
 }

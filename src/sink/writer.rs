@@ -2,11 +2,17 @@
 //! and age, keeps up to `requests_in_flight` requests going, and hands each request to a
 //! delivery task that reads every item's result.
 //!
-//! Invariants: every document that enters the mailbox ends, exactly once, as indexed
-//! (2xx item), dead-lettered (with its reason), or, if even the dead-letter store fails,
-//! in an ERROR log line with its id. The mailbox is bounded and the actor stops reading it
-//! while its batch is full and every request slot is taken, so a slow sink slows the
-//! shards down instead of growing memory.
+//! Invariants:
+//! - Every document ends, exactly once, *settled*: indexed (2xx item) or dead-lettered
+//!   (with its reason). Settling confirms its outbox entry (if it completed in the store)
+//!   and releases the requests waiting on it (`persisted` mode).
+//! - Whole-request failures that say "later" (no answer, 429, 5xx) are retried without
+//!   limit, with capped backoff: a long outage stops the writer from taking documents, which
+//!   stops the shards, which makes ingress answer 503, instead of growing memory. Item
+//!   failures are retried `max_retries` times, then dead-lettered.
+//! - When shutdown's deadline passes ([`BulkWriter::spawn`]'s `give_up`), unsettled
+//!   documents stay recoverable: those that completed in the store are still in its outbox;
+//!   those that completed in memory are stored into the outbox now.
 
 use std::collections::VecDeque;
 use std::ops::Range;
@@ -16,14 +22,17 @@ use std::time::{Duration, Instant, SystemTime};
 use bytes::{Bytes, BytesMut};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
 
 use super::encode::encode_index_op;
 use super::retry::RetryPolicy;
-use super::SinkClient;
+use super::{SinkClient, SinkError};
 use crate::config::ElasticsearchSettings;
 use crate::metrics::{Metrics, StatusLabels};
-use crate::model::{Document, Schema};
-use crate::state::{DeadLetter, StateStore};
+use crate::model::ack::ack_all;
+use crate::model::document::Partial;
+use crate::model::{AckGroup, Document, Schema};
+use crate::state::{DeadLetter, MergeOutcome, StateStore};
 
 /// Sends complete documents to the bulk writer.
 #[derive(Clone)]
@@ -47,11 +56,13 @@ impl WriterHandle {
 struct Delivery {
     sink: SinkClient,
     policy: RetryPolicy,
-    dead_letters: StateStore,
+    store: StateStore,
+    schema: Schema,
     metrics: Arc<Metrics>,
+    give_up: CancellationToken,
 }
 
-/// One encoded `index` operation.
+/// One encoded `index` operation and what settling it involves.
 struct EncodedDoc {
     id: String,
     /// Action line and source line, each ending in `\n`.
@@ -60,19 +71,21 @@ struct EncodedDoc {
     source: Range<usize>,
     /// When the part that completed it arrived.
     received_at: Instant,
+    outbox: Option<String>,
+    acks: Vec<Arc<AckGroup>>,
 }
 
 /// The request being filled.
 struct Batch {
     body: BytesMut,
-    /// Per document: id, its operation's bytes, its source line within them, arrival.
-    docs: Vec<(String, Range<usize>, Range<usize>, Instant)>,
+    docs: Vec<EncodedDoc>,
+    /// Each document's operation within `body`.
+    ops: Vec<Range<usize>>,
     started: Option<Instant>,
 }
 
 pub struct BulkWriter {
     rx: mpsc::Receiver<Vec<Document>>,
-    schema: Schema,
     delivery: Arc<Delivery>,
     max_docs: usize,
     max_bytes: usize,
@@ -85,34 +98,26 @@ pub struct BulkWriter {
 }
 
 impl BulkWriter {
-    /// Starts the writer; it runs until every handle is dropped, then delivers what it holds.
+    /// Starts the writer; it runs until every handle is dropped, then delivers what it
+    /// holds. Once `give_up` fires, deliveries stop and park what is unsettled in the store.
     pub fn spawn(
         settings: &ElasticsearchSettings,
         mailbox_capacity: usize,
         schema: Schema,
         sink: SinkClient,
-        dead_letters: StateStore,
+        store: StateStore,
         metrics: Arc<Metrics>,
+        give_up: CancellationToken,
     ) -> (WriterHandle, tokio::task::JoinHandle<()>) {
         let (tx, rx) = mpsc::channel(mailbox_capacity);
         let writer = BulkWriter {
             rx,
-            schema,
-            delivery: Arc::new(Delivery {
-                sink,
-                policy: RetryPolicy::new(settings),
-                dead_letters,
-                metrics,
-            }),
+            delivery: Arc::new(Delivery { sink, policy: RetryPolicy::new(settings), store, schema, metrics, give_up }),
             max_docs: settings.bulk_max_docs,
             max_bytes: settings.bulk_max_bytes,
             interval: settings.flush_interval,
             max_in_flight: settings.requests_in_flight,
-            batch: Batch {
-                body: BytesMut::new(),
-                docs: Vec::new(),
-                started: None,
-            },
+            batch: Batch { body: BytesMut::new(), docs: Vec::new(), ops: Vec::new(), started: None },
             pending: VecDeque::new(),
             in_flight: JoinSet::new(),
         };
@@ -131,9 +136,7 @@ impl BulkWriter {
         let mut closed = false;
         loop {
             while !self.batch_is_full() {
-                let Some(doc) = self.pending.pop_front() else {
-                    break;
-                };
+                let Some(doc) = self.pending.pop_front() else { break };
                 self.push(doc);
             }
             if self.batch_is_full() && self.has_room() {
@@ -143,18 +146,10 @@ impl BulkWriter {
             if closed && self.pending.is_empty() {
                 break;
             }
-            let deadline = self
-                .batch
-                .started
-                .map(|s| s + self.interval)
-                .unwrap_or_else(Instant::now);
+            let deadline = self.batch.started.map(|s| s + self.interval).unwrap_or_else(Instant::now);
             let batch_due = !self.batch.docs.is_empty() && self.has_room();
             tokio::select! {
-                Some(done) = self.in_flight.join_next(), if !self.in_flight.is_empty() => {
-                    if let Err(e) = done {
-                        tracing::error!(error = %e, "A bulk delivery task failed; its documents stay in the state store only if they came through it.");
-                    }
-                }
+                Some(done) = self.in_flight.join_next(), if !self.in_flight.is_empty() => log_task_end(done),
                 msg = self.rx.recv(), if self.pending.is_empty() && !closed => match msg {
                     Some(docs) => self.pending.extend(docs),
                     None => closed = true,
@@ -162,139 +157,140 @@ impl BulkWriter {
                 _ = tokio::time::sleep_until(deadline.into()), if batch_due => self.dispatch(),
             }
         }
-        // Final step: send what is left and wait for every request to finish.
+        // Final step: send what is left and wait for every request to settle (or give up).
         while !self.batch.docs.is_empty() {
             while !self.has_room() {
-                self.in_flight.join_next().await;
+                if let Some(done) = self.in_flight.join_next().await {
+                    log_task_end(done);
+                }
             }
             self.dispatch();
         }
-        while self.in_flight.join_next().await.is_some() {}
+        while let Some(done) = self.in_flight.join_next().await {
+            log_task_end(done);
+        }
         tracing::debug!("Bulk writer stopped.");
     }
 
     fn push(&mut self, doc: Document) {
         let start = self.batch.body.len();
-        let source = encode_index_op(&mut self.batch.body, &doc, &self.schema);
-        let end = self.batch.body.len();
-        self.batch.docs.push((
-            doc.id,
-            start..end,
-            source.start - start..source.end - start,
-            doc.received_at,
-        ));
+        let source = encode_index_op(&mut self.batch.body, &doc, &self.delivery.schema);
+        self.batch.ops.push(start..self.batch.body.len());
+        self.batch.docs.push(EncodedDoc {
+            id: doc.id,
+            op: Bytes::new(), // a slice of the frozen body, set by `dispatch`
+            source: source.start - start..source.end - start,
+            received_at: doc.received_at,
+            outbox: doc.outbox,
+            acks: doc.acks,
+        });
         self.batch.started.get_or_insert_with(Instant::now);
     }
 
     fn dispatch(&mut self) {
         let body = std::mem::take(&mut self.batch.body).freeze();
-        let docs: Vec<EncodedDoc> = std::mem::take(&mut self.batch.docs)
-            .into_iter()
-            .map(|(id, op, source, received_at)| EncodedDoc {
-                id,
-                op: body.slice(op),
-                source,
-                received_at,
-            })
-            .collect();
+        let mut docs = std::mem::take(&mut self.batch.docs);
+        for (doc, range) in docs.iter_mut().zip(self.batch.ops.drain(..)) {
+            doc.op = body.slice(range);
+        }
         self.batch.started = None;
-        self.in_flight
-            .spawn(deliver(self.delivery.clone(), body, docs));
+        self.in_flight.spawn(deliver(self.delivery.clone(), body, docs));
     }
 }
 
-/// Sends one request and retries its retryable failures until each document is indexed or
-/// dead-lettered.
+fn log_task_end(done: Result<(), tokio::task::JoinError>) {
+    if let Err(e) = done {
+        tracing::error!(error = %e, "A bulk delivery task failed; documents that completed in the state store will be resent from its outbox.");
+    }
+}
+
+/// Sends one request and retries its retryable failures until each document is settled,
+/// or shutdown gives up.
 async fn deliver(ctx: Arc<Delivery>, mut body: Bytes, mut docs: Vec<EncodedDoc>) {
-    let mut attempt: u32 = 0;
+    let mut item_attempts: u32 = 0;
+    let mut request_failures: u32 = 0;
     loop {
-        attempt += 1;
-        let mut retry: Vec<EncodedDoc> = Vec::new();
-        let mut dead: Vec<DeadLetter> = Vec::new();
-        let mut last_failure = String::new();
         let started = Instant::now();
         ctx.metrics.bulk_bytes.inc_by(body.len() as u64);
-        let result = ctx.sink.bulk(body, docs.len()).await;
-        ctx.metrics
-            .bulk_seconds
-            .observe(started.elapsed().as_secs_f64());
-        match &result {
-            Ok(_) => ctx
-                .metrics
-                .bulk_requests
-                .get_or_create(&StatusLabels { status: 200 })
-                .inc(),
-            Err(super::SinkError::Status { status, .. }) => ctx
-                .metrics
-                .bulk_requests
-                .get_or_create(&StatusLabels { status: *status })
-                .inc(),
-            Err(_) => ctx.metrics.bulk_request_failures.inc(),
+        let result = tokio::select! {
+            r = ctx.sink.bulk(body, docs.len()) => r,
+            _ = ctx.give_up.cancelled() => return park(&ctx, docs).await,
         };
+        ctx.metrics.bulk_seconds.observe(started.elapsed().as_secs_f64());
+        let mut retry: Vec<EncodedDoc> = Vec::new();
+        let mut dead: Vec<(EncodedDoc, DeadLetter)> = Vec::new();
+        let mut settled: Vec<EncodedDoc> = Vec::new();
+        let wait;
         match result {
             Ok(statuses) => {
-                let mut indexed = Vec::with_capacity(docs.len());
+                ctx.metrics.bulk_requests.get_or_create(&StatusLabels { status: 200 }).inc();
+                item_attempts += 1;
+                request_failures = 0;
+                let mut last_failure = None;
                 for (doc, item) in docs.into_iter().zip(statuses) {
-                    ctx.metrics
-                        .bulk_items
-                        .get_or_create(&StatusLabels {
-                            status: item.status,
-                        })
-                        .inc();
+                    ctx.metrics.bulk_items.get_or_create(&StatusLabels { status: item.status }).inc();
                     if item.is_success() {
-                        indexed.push(doc.received_at.elapsed());
+                        settled.push(doc);
                         continue;
                     }
                     let (error_type, reason) = item.error.unwrap_or_default();
-                    if ctx.policy.retries_status(item.status) {
-                        last_failure =
-                            format!("item status {} {error_type}: {reason}", item.status);
+                    if ctx.policy.retries_status(item.status) && item_attempts <= ctx.policy.max_retries {
+                        last_failure = Some(format!("{} {error_type}: {reason}", item.status));
                         retry.push(doc);
                     } else {
-                        dead.push(letter(&doc, Some(item.status), error_type, reason, attempt));
+                        let (error_type, reason) = if ctx.policy.retries_status(item.status) {
+                            ("retries_exhausted".to_owned(), format!("gave up after {item_attempts} attempts; last: {} {error_type}: {reason}", item.status))
+                        } else {
+                            (error_type, reason)
+                        };
+                        let letter = letter(&doc, Some(item.status), error_type, reason, item_attempts);
+                        dead.push((doc, letter));
                     }
                 }
-                ctx.metrics.observe_indexed(indexed.into_iter());
+                ctx.metrics.observe_indexed(settled.iter().map(|d| d.received_at.elapsed()));
+                if let Some(last) = &last_failure {
+                    tracing::debug!(documents = retry.len(), attempt = item_attempts, last_failure = %last, "Bulk items rejected; retrying them.");
+                }
+                wait = ctx.policy.backoff(item_attempts - 1);
             }
             Err(e) if ctx.policy.retries_request(&e) => {
-                last_failure = e.to_string();
+                count_failed_request(&ctx.metrics, &e);
+                request_failures += 1;
+                wait = ctx.policy.backoff(request_failures - 1);
+                tracing::warn!(documents = docs.len(), failures = request_failures, error = %e, ?wait, "Bulk request failed; retrying it.");
                 retry = docs;
             }
             Err(e) => {
+                count_failed_request(&ctx.metrics, &e);
                 let status = match &e {
-                    super::SinkError::Status { status, .. } => Some(*status),
+                    SinkError::Status { status, .. } => Some(*status),
                     _ => None,
                 };
-                dead.extend(
-                    docs.iter().map(|d| {
-                        letter(d, status, "request_failed".into(), e.to_string(), attempt)
-                    }),
-                );
+                dead = docs
+                    .into_iter()
+                    .map(|d| {
+                        let letter = letter(&d, status, "request_failed".into(), e.to_string(), item_attempts + 1);
+                        (d, letter)
+                    })
+                    .collect();
+                wait = Duration::ZERO;
             }
         }
         if !dead.is_empty() {
-            for d in &dead {
-                tracing::warn!(id = %d.id, status = ?d.status, error_type = %d.error_type, reason = %d.reason, "Document rejected by the sink; dead-lettering it.");
+            let (dead_docs, letters): (Vec<EncodedDoc>, Vec<DeadLetter>) = dead.into_iter().unzip();
+            if store_dead_letters(&ctx, letters).await {
+                settled.extend(dead_docs);
             }
-            store_dead_letters(&ctx, dead).await;
         }
+        settle(&ctx, settled).await;
         if retry.is_empty() {
             return;
         }
-        if attempt > ctx.policy.max_retries {
-            tracing::warn!(documents = retry.len(), attempts = attempt, last_failure = %last_failure, "Bulk retries exhausted; dead-lettering the documents.");
-            let reason = format!("gave up after {attempt} attempts; last failure: {last_failure}");
-            let dead = retry
-                .iter()
-                .map(|d| letter(d, None, "retries_exhausted".into(), reason.clone(), attempt))
-                .collect();
-            store_dead_letters(&ctx, dead).await;
-            return;
-        }
         ctx.metrics.bulk_retries.inc_by(retry.len() as u64);
-        let wait = ctx.policy.backoff(attempt - 1);
-        tracing::debug!(documents = retry.len(), attempt, ?wait, last_failure = %last_failure, "Bulk items failed; retrying.");
-        tokio::time::sleep(wait).await;
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = ctx.give_up.cancelled() => return park(&ctx, retry).await,
+        }
         let mut again = BytesMut::with_capacity(retry.iter().map(|d| d.op.len()).sum());
         for d in &retry {
             again.extend_from_slice(&d.op);
@@ -304,13 +300,67 @@ async fn deliver(ctx: Arc<Delivery>, mut body: Bytes, mut docs: Vec<EncodedDoc>)
     }
 }
 
-fn letter(
-    doc: &EncodedDoc,
-    status: Option<u16>,
-    error_type: String,
-    reason: String,
-    attempts: u32,
-) -> DeadLetter {
+fn count_failed_request(metrics: &Metrics, error: &SinkError) {
+    match error {
+        SinkError::Status { status, .. } => metrics.bulk_requests.get_or_create(&StatusLabels { status: *status }).inc(),
+        _ => metrics.bulk_request_failures.inc(),
+    };
+}
+
+/// The sink took these documents (or they are stored as dead letters): confirm their
+/// outbox entries and release the requests waiting for them.
+async fn settle(ctx: &Delivery, docs: Vec<EncodedDoc>) {
+    if docs.is_empty() {
+        return;
+    }
+    let mut tokens = Vec::new();
+    for doc in docs {
+        if let Some(token) = doc.outbox {
+            tokens.push((doc.id, token));
+        }
+        ack_all(doc.acks);
+    }
+    ctx.metrics.store_confirms.inc_by(tokens.len() as u64);
+    if let Err(e) = ctx.store.confirm(&tokens).await {
+        // Harmless but wasteful: these entries will be resent, and overwrite themselves.
+        tracing::warn!(documents = tokens.len(), error = %e, "Cannot confirm delivered documents in the outbox; they will be sent again.");
+    }
+}
+
+/// Shutdown gave up on these documents: leave them recoverable in the store.
+async fn park(ctx: &Delivery, docs: Vec<EncodedDoc>) {
+    let in_memory: Vec<EncodedDoc> = docs.into_iter().filter(|d| d.outbox.is_none()).collect();
+    if in_memory.is_empty() {
+        return;
+    }
+    let mut batch = Vec::with_capacity(in_memory.len());
+    for doc in &in_memory {
+        match crate::sink::encode::decode_source(&doc.op[doc.source.clone()], &ctx.schema) {
+            Some(document) => batch.push(Partial::from_document(document)),
+            None => tracing::error!(id = %doc.id, "Document lost: cannot read back its source to park it."),
+        }
+    }
+    let outcomes = match ctx.store.merge(&batch).await {
+        Ok(outcomes) => outcomes,
+        Err(e) => {
+            tracing::error!(documents = batch.len(), error = %e, "Documents lost: shutdown gave up on the sink and the state store refused them.");
+            return;
+        }
+    };
+    let mut parked = 0;
+    for ((id, _), outcome) in batch.iter().zip(outcomes) {
+        match outcome {
+            MergeOutcome::Completed(_) => parked += 1,
+            other => tracing::error!(%id, ?other, "Document lost: the state store did not park it."),
+        }
+    }
+    for doc in in_memory {
+        ack_all(doc.acks);
+    }
+    tracing::warn!(documents = parked, "Shutdown deadline passed: documents parked in the state store's outbox; they are sent at the next start.");
+}
+
+fn letter(doc: &EncodedDoc, status: Option<u16>, error_type: String, reason: String, attempts: u32) -> DeadLetter {
     DeadLetter {
         id: doc.id.clone(),
         status,
@@ -322,13 +372,16 @@ fn letter(
     }
 }
 
-/// Writes dead letters, retrying the store for a while; if it still fails, the documents'
-/// ids go to the ERROR log, the last trace of them.
-async fn store_dead_letters(ctx: &Delivery, letters: Vec<DeadLetter>) {
+/// Writes dead letters, retrying the store for a while. Returns whether they were stored;
+/// if not, the documents' ids go to the ERROR log, the last trace of them.
+async fn store_dead_letters(ctx: &Delivery, letters: Vec<DeadLetter>) -> bool {
+    for d in &letters {
+        tracing::warn!(id = %d.id, status = ?d.status, error_type = %d.error_type, reason = %d.reason, "Document refused by the sink; dead-lettering it.");
+    }
     ctx.metrics.dead_letters.inc_by(letters.len() as u64);
     for attempt in 0..=ctx.policy.max_retries {
-        match ctx.dead_letters.dead_letter(&letters).await {
-            Ok(()) => return,
+        match ctx.store.dead_letter(&letters).await {
+            Ok(()) => return true,
             Err(e) if attempt < ctx.policy.max_retries => {
                 tracing::warn!(error = %e, letters = letters.len(), "Cannot store dead letters; retrying.");
                 tokio::time::sleep(ctx.policy.backoff(attempt)).await;
@@ -339,4 +392,5 @@ async fn store_dead_letters(ctx: &Delivery, letters: Vec<DeadLetter>) {
             }
         }
     }
+    false
 }

@@ -1,19 +1,26 @@
 //! Where partial documents are persisted and reconciled across instances.
 //!
-//! Contract of a backend: [`StateStore::merge`] applies a batch of partials, each one
-//! atomically: the new parts are written, and if the item now has every part, the whole
-//! item is returned once (to exactly one caller, in any instance) and removed. Items are
-//! independent; a failed item does not fail the others, and is safe to merge again.
+//! Contract of a backend:
+//! - [`StateStore::merge`] applies a batch of partials, each one atomically: the new parts
+//!   are written, and if the item now has every part, the whole item is returned once (to
+//!   exactly one caller, in any instance) and moved to the outbox with a completion token.
+//!   Items are independent; a failed item does not fail the others, and is safe to merge
+//!   again.
+//! - The outbox keeps a completed item until [`StateStore::confirm`] says the sink took it
+//!   (indexed or dead-lettered); [`StateStore::claim_outbox`] hands out entries that were not
+//!   confirmed in time, for a resend (after a crash, or a lost confirmation).
+//! - [`StateStore::take_orphans`] removes and returns partials not updated for a while.
 
+pub mod maintenance;
 pub mod redis;
 
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 
 use crate::config::{Settings, StateBackend};
 use crate::model::document::Partial;
-use crate::model::{Document, Schema};
+use crate::model::{Document, Metadata, Schema};
 
 /// A state-store failure. Every one is retryable: a failed merge leaves the item as it was
 /// or with its new parts written, and merging again is idempotent.
@@ -34,6 +41,15 @@ pub enum MergeOutcome {
     Completed(Document),
     /// Not applied; merge it again later.
     Failed(StateError),
+}
+
+/// A partial item that expired before it completed.
+#[derive(Debug, Clone)]
+pub struct Orphan {
+    pub id: String,
+    /// One optional vector per schema slot.
+    pub vectors: Vec<Option<Vec<f32>>>,
+    pub metadata: Option<Metadata>,
 }
 
 /// A document the sink refused for good, kept with the reason.
@@ -92,6 +108,34 @@ impl StateStore {
     ) -> Result<Vec<MergeOutcome>, StateError> {
         match self {
             StateStore::Redis(s) => s.merge(batch).await,
+        }
+    }
+
+    /// Removes confirmed completions from the outbox: `(id, completion token)` pairs.
+    pub async fn confirm(&self, done: &[(String, String)]) -> Result<(), StateError> {
+        match self {
+            StateStore::Redis(s) => s.confirm(done).await,
+        }
+    }
+
+    /// Outbox entries not confirmed within `older_than`, claimed for a resend.
+    pub async fn claim_outbox(&self, older_than: Duration, limit: usize) -> Result<Vec<Document>, StateError> {
+        match self {
+            StateStore::Redis(s) => s.claim_outbox(older_than, limit).await,
+        }
+    }
+
+    /// Partials not updated for `older_than`, removed from the store.
+    pub async fn take_orphans(&self, older_than: Duration, limit: usize) -> Result<Vec<Orphan>, StateError> {
+        match self {
+            StateStore::Redis(s) => s.take_orphans(older_than, limit).await,
+        }
+    }
+
+    /// `true` when the store has lost everything it held since the last check.
+    pub async fn check_epoch(&self) -> Result<bool, StateError> {
+        match self {
+            StateStore::Redis(s) => s.check_epoch().await,
         }
     }
 

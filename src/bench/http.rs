@@ -1,0 +1,146 @@
+//! `--http`: drives a running embedjoin over its HTTP API with the generated batches, and
+//! reads the server's own `/metrics` to know what it did.
+//!
+//! The server's counters are cumulative and may count other traffic, so every figure is
+//! the difference of a scrape before the run and one after. A run ends when the indexed
+//! plus dead-lettered documents reach the items sent, or when they stop moving for
+//! [`STALL`] (then the clock stops at the last change, and the run is flagged incomplete).
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use bytes::Bytes;
+use tokio::task::JoinSet;
+
+use super::report::{Counts, Latency};
+use super::scrape::Scrape;
+use super::Progress;
+
+/// How long the indexed count may stay still before the run is declared over.
+pub const STALL: Duration = Duration::from_secs(5);
+
+/// How often `/metrics` is read while waiting.
+const POLL: Duration = Duration::from_millis(25);
+
+/// What one HTTP run measured.
+pub struct HttpRun {
+    pub counts: Counts,
+    pub latency: Option<Latency>,
+    pub wall: Duration,
+    pub submitted: Duration,
+}
+
+async fn scrape(client: &reqwest::Client, base: &str) -> anyhow::Result<Scrape> {
+    let url = format!("{base}/metrics");
+    let response = client.get(&url).send().await.with_context(|| format!("cannot read {url}"))?;
+    if !response.status().is_success() {
+        bail!("{url} answered {}", response.status());
+    }
+    Ok(Scrape::parse(&response.text().await?))
+}
+
+/// Posts every batch, `concurrency` at a time, then waits for the server to index them.
+pub async fn run(
+    base: &str,
+    batches: Vec<(Bytes, usize)>,
+    concurrency: usize,
+    expected_documents: usize,
+    progress: &Progress,
+) -> anyhow::Result<HttpRun> {
+    let base = base.trim_end_matches('/').to_owned();
+    let client = reqwest::Client::builder().pool_max_idle_per_host(concurrency).build()?;
+    let before = scrape(&client, &base).await?;
+    let json_bytes: u64 = batches.iter().map(|(b, _)| b.len() as u64).sum();
+    let parts_sent: u64 = batches.iter().map(|(_, n)| *n as u64).sum();
+    let queue = Arc::new(Mutex::new(batches.into_iter()));
+    let accepted = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let started = Instant::now();
+    let mut senders = JoinSet::new();
+    for _ in 0..concurrency.max(1) {
+        let (client, queue, accepted) = (client.clone(), queue.clone(), accepted.clone());
+        let url = format!("{base}/aggregate/");
+        let progress = progress.clone();
+        senders.spawn(async move {
+            loop {
+                let next = queue.lock().unwrap_or_else(|e| e.into_inner()).next();
+                let Some((body, count)) = next else {
+                    return Ok::<_, anyhow::Error>(());
+                };
+                let taken = post(&client, &url, body).await?;
+                accepted.fetch_add(taken, std::sync::atomic::Ordering::Relaxed);
+                progress.sent(count as u64);
+            }
+        });
+    }
+    while let Some(done) = senders.join_next().await {
+        done??;
+    }
+    let submitted = started.elapsed();
+    // Wait for the server to index what it took; the clock stops at the last progress.
+    let mut last = scrape(&client, &base).await?;
+    let mut last_change = Instant::now();
+    let target = before.done() + expected_documents as f64;
+    loop {
+        progress.done((last.done() - before.done()) as u64);
+        if last.done() >= target || last_change.elapsed() >= STALL {
+            break;
+        }
+        tokio::time::sleep(POLL).await;
+        let now = scrape(&client, &base).await?;
+        if now.done() != last.done() {
+            last_change = Instant::now();
+        }
+        last = now;
+    }
+    let wall = last_change.duration_since(started);
+    let d = last.since(&before);
+    let counts = Counts {
+        parts_sent,
+        parts_accepted: accepted.load(std::sync::atomic::Ordering::Relaxed),
+        documents_indexed: d.documents_indexed as u64,
+        dead_letters: d.dead_letters as u64,
+        completed_in_memory: d.completed_in_memory as u64,
+        completed_in_store: d.completed_in_store as u64,
+        redis_merges: d.store_merges as u64,
+        redis_merge_bytes: d.store_merge_bytes as u64,
+        bulk_requests: d.bulk_requests as u64,
+        bulk_bytes: d.bulk_bytes as u64,
+        vector_bytes: 0, // filled by the caller, which knows the dims
+        json_bytes: Some(json_bytes),
+    };
+    Ok(HttpRun { counts, latency: Latency::from_buckets(&d.latency_buckets), wall, submitted })
+}
+
+/// Posts one body until the server takes it; returns the items it accepted. A 503
+/// (saturated or shutting down) is retried after its Retry-After; anything else but 202
+/// stops the run, since the figures would not mean what they say.
+async fn post(client: &reqwest::Client, url: &str, body: Bytes) -> anyhow::Result<u64> {
+    for _ in 0..600 {
+        let response = client
+            .post(url)
+            .header("content-type", "application/json")
+            .body(body.clone())
+            .send()
+            .await
+            .with_context(|| format!("cannot post to {url}"))?;
+        let status = response.status().as_u16();
+        if status == 503 {
+            let wait = response
+                .headers()
+                .get("retry-after")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse::<u64>().ok())
+                .map_or(Duration::from_millis(100), Duration::from_secs);
+            tokio::time::sleep(wait.min(Duration::from_secs(5))).await;
+            continue;
+        }
+        let text = response.text().await.unwrap_or_default();
+        if status != 202 {
+            bail!("{url} answered {status}: {}", text.chars().take(300).collect::<String>());
+        }
+        let answer: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
+        return Ok(answer["accepted"].as_u64().unwrap_or(0));
+    }
+    bail!("{url} kept answering 503")
+}

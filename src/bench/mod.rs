@@ -1,0 +1,683 @@
+//! `embedjoin bench`: measures the whole pipeline on this machine.
+//!
+//! In process (the default), it starts the real pipeline (router, shards, state store,
+//! bulk writer, sink) from the settings plus the command-line overrides, hands it
+//! pre-generated batches from `--concurrency` tasks, then shuts it down, which drains
+//! everything: the clock runs from the first batch to the end of the drain. With `--http`
+//! it posts the same batches as JSON to a running server and reads that server's
+//! `/metrics` instead.
+//!
+//! Invariants:
+//! - Generation happens before the clock starts ([`load`]); the timed loop only stamps
+//!   arrival times and submits.
+//! - Every in-process run uses a fresh Redis key prefix (`embedjoin-bench-<random>:`), so
+//!   runs never see each other's partials; after the run its own keys are removed (dead
+//!   letters excepted), and nothing outside it is read or deleted. Its partial TTL is
+//!   capped at an hour; an interrupted run leaves keys only under its own prefix
+//!   (`redis-cli --scan --pattern 'embedjoin-bench-*'` lists them).
+//! - A run whose indexed plus dead-lettered documents fall short of the items sent is
+//!   reported loudly, and the command then exits non-zero.
+
+pub mod http;
+pub mod load;
+pub mod report;
+pub mod scrape;
+
+use std::io::IsTerminal;
+use std::str::FromStr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use tokio::task::JoinSet;
+
+use crate::config::{PartSettings, Settings, SinkBackend, StateBackend};
+use crate::Pipeline;
+use load::{LoadSpec, Order};
+use report::{Counts, Latency, RunShape, Summary};
+use scrape::Scrape;
+
+/// The options of `embedjoin bench`.
+#[derive(Debug, Clone, clap::Args)]
+#[command(after_help = AFTER_HELP)]
+pub struct BenchArgs {
+    /// Items to generate; each gets every configured part.
+    #[arg(long, default_value_t = 20_000, value_parser = clap::value_parser!(u32).range(1..))]
+    pub entities: u32,
+    /// Dimension of each part, in order (e.g. 384,512). Replaces the configured parts'
+    /// dims and keeps their names; more values add parts PART_3, PART_4...; fewer drop the
+    /// last configured parts.
+    #[arg(long, value_delimiter = ',', value_parser = clap::value_parser!(u16).range(1..=4096))]
+    pub dims: Vec<u16>,
+    /// Parts per batch (one router submission, or one HTTP request).
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..))]
+    pub batch_size: u32,
+    /// interleaved: an item's parts side by side (they meet in memory); split: every first
+    /// part, then every second part (they meet in Redis, unless the whole run is shorter
+    /// than shards.flush_interval); shuffled: random.
+    #[arg(long, value_enum, default_value_t = Order::Interleaved)]
+    pub order: Order,
+    /// Share of parts sent twice (0.0 to 1.0), each copy at a random later position.
+    #[arg(long, default_value_t = 0.0, value_parser = ratio)]
+    pub duplicates: f64,
+    /// Concurrent senders.
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..))]
+    pub concurrency: u32,
+    /// State store URL (redis://host:port); overrides redis.url.
+    #[arg(long, value_name = "URL", conflicts_with = "http")]
+    pub redis: Option<String>,
+    /// Where documents go: `null` (discarded, no I/O) or an Elasticsearch base URL;
+    /// overrides the configured sink.
+    #[arg(long, value_name = "null|URL", value_parser = SinkArg::parse, conflicts_with = "http")]
+    pub sink: Option<SinkArg>,
+    /// Elasticsearch index; overrides elasticsearch.index.
+    #[arg(long, value_name = "NAME", conflicts_with = "http")]
+    pub index: Option<String>,
+    /// Shard actors; overrides shards.count.
+    #[arg(long, value_name = "N", conflicts_with = "http", value_parser = clap::value_parser!(u32).range(1..=4096))]
+    pub shards: Option<u32>,
+    /// Seed of the generated load: the same seed sends the same parts in the same order.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// Drive a running server at this base URL (POST {URL}/aggregate/, GET {URL}/metrics)
+    /// instead of an in-process pipeline.
+    #[arg(long, value_name = "URL")]
+    pub http: Option<String>,
+    /// Print one JSON line instead of the table (and no progress bar).
+    #[arg(long)]
+    pub json: bool,
+    /// Run once per value and print one row each: key=v1,v2,... with key one of shards,
+    /// flush_interval, bulk_max_docs, requests_in_flight, batch_size, concurrency, max_dirty.
+    #[arg(long, value_name = "KEY=V1,V2,...", value_parser = Sweep::from_str)]
+    pub sweep: Option<Sweep>,
+}
+
+const AFTER_HELP: &str = "\
+Figures: embeddings/s and documents/s over the wall time (first part sent to last document \
+acknowledged, drain included); vector MB/s counts the f32 payload (4 bytes x dims per part), \
+JSON MB/s the request bodies (--http); Redis merges and bulk requests per indexed document; \
+part -> indexed latency p50/p99/max; peak RSS (VmHWM of this process, in-process only).
+
+Examples:
+  embedjoin bench --redis redis://127.0.0.1:6379 --sink null --order split
+  embedjoin bench --redis redis://127.0.0.1:6379 --sink null --sweep shards=1,2,4,8
+  embedjoin bench --http http://127.0.0.1:8080 --entities 5000";
+
+/// `--sink`: discard, or an Elasticsearch base URL.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SinkArg {
+    Null,
+    Url(String),
+}
+
+impl SinkArg {
+    fn parse(s: &str) -> Result<SinkArg, String> {
+        match s {
+            "null" => Ok(SinkArg::Null),
+            "file" => Err("the file sink is not available in this build; use null or a URL".into()),
+            url if url.starts_with("http://") || url.starts_with("https://") => Ok(SinkArg::Url(url.to_owned())),
+            other => Err(format!("`{other}` is neither `null` nor an http(s):// URL")),
+        }
+    }
+}
+
+fn ratio(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(x) if (0.0..=1.0).contains(&x) => Ok(x),
+        _ => Err(format!("`{s}` is not a ratio between 0.0 and 1.0")),
+    }
+}
+
+/// A setting that `--sweep` varies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SweepKey {
+    Shards,
+    FlushInterval,
+    BulkMaxDocs,
+    RequestsInFlight,
+    BatchSize,
+    Concurrency,
+    MaxDirty,
+}
+
+impl SweepKey {
+    const ALL: [(&'static str, SweepKey); 7] = [
+        ("shards", SweepKey::Shards),
+        ("flush_interval", SweepKey::FlushInterval),
+        ("bulk_max_docs", SweepKey::BulkMaxDocs),
+        ("requests_in_flight", SweepKey::RequestsInFlight),
+        ("batch_size", SweepKey::BatchSize),
+        ("concurrency", SweepKey::Concurrency),
+        ("max_dirty", SweepKey::MaxDirty),
+    ];
+
+    pub fn name(self) -> &'static str {
+        Self::ALL.iter().find(|(_, k)| *k == self).expect("listed").0
+    }
+
+    /// Whether the key configures the pipeline, which `--http` cannot reach.
+    fn needs_in_process(self) -> bool {
+        !matches!(self, SweepKey::BatchSize | SweepKey::Concurrency)
+    }
+
+    fn check(self, value: &str) -> Result<(), String> {
+        match self {
+            SweepKey::FlushInterval => match humantime::parse_duration(value) {
+                Ok(d) if !d.is_zero() => Ok(()),
+                _ => Err(format!("`{value}` is not a duration such as 50ms")),
+            },
+            _ => match value.parse::<u32>() {
+                Ok(n) if n > 0 => Ok(()),
+                _ => Err(format!("`{value}` is not a whole number above 0")),
+            },
+        }
+    }
+
+    /// Sets `value` (already checked) in the bench options or the settings.
+    fn apply(self, value: &str, args: &mut BenchArgs, settings: &mut Settings) {
+        let n = || value.parse::<u32>().expect("checked");
+        match self {
+            SweepKey::Shards => args.shards = Some(n()),
+            SweepKey::BatchSize => args.batch_size = n(),
+            SweepKey::Concurrency => args.concurrency = n(),
+            SweepKey::FlushInterval => {
+                settings.shards.flush_interval = humantime::parse_duration(value).expect("checked")
+            }
+            SweepKey::BulkMaxDocs => settings.elasticsearch.bulk_max_docs = n() as usize,
+            SweepKey::RequestsInFlight => settings.elasticsearch.requests_in_flight = n() as usize,
+            SweepKey::MaxDirty => settings.shards.max_dirty = n() as usize,
+        }
+    }
+}
+
+/// `--sweep key=v1,v2,...`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Sweep {
+    pub key: SweepKey,
+    pub values: Vec<String>,
+}
+
+impl FromStr for Sweep {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Sweep, String> {
+        let names = || SweepKey::ALL.iter().map(|(n, _)| *n).collect::<Vec<_>>().join(", ");
+        let (key, values) =
+            s.split_once('=').ok_or_else(|| format!("expected key=v1,v2,... with key one of {}", names()))?;
+        let key = SweepKey::ALL
+            .iter()
+            .find(|(n, _)| *n == key.trim())
+            .map(|(_, k)| *k)
+            .ok_or_else(|| format!("`{key}` cannot be swept; use one of {}", names()))?;
+        let values: Vec<String> = values.split(',').map(|v| v.trim().to_owned()).filter(|v| !v.is_empty()).collect();
+        if values.is_empty() {
+            return Err("no values to sweep".into());
+        }
+        for v in &values {
+            key.check(v)?;
+        }
+        Ok(Sweep { key, values })
+    }
+}
+
+/// Runs `embedjoin bench` with `settings` (loaded from the config) under `args`, and prints
+/// the report on stdout. Fails, after printing, if a run lost documents.
+pub async fn run(settings: Settings, args: BenchArgs) -> anyhow::Result<()> {
+    let Some(sweep) = args.sweep.clone() else {
+        let summary = run_once(&settings, &args, None).await?;
+        if args.json {
+            println!("{}", summary.json_line());
+        } else {
+            print!("{}", summary.table());
+        }
+        return match summary.incomplete_warning() {
+            Some(warning) => {
+                eprintln!("\n{warning}\n");
+                bail!("the run lost documents")
+            }
+            None => Ok(()),
+        };
+    };
+    if args.http.is_some() && sweep.key.needs_in_process() {
+        bail!(
+            "--sweep {} configures the pipeline, which --http does not reach; sweep batch_size or concurrency, or restart the server per value",
+            sweep.key.name()
+        );
+    }
+    if !args.json {
+        println!("{}", report::sweep_header(sweep.key.name()));
+    }
+    let mut runs = Vec::new();
+    for value in &sweep.values {
+        let summary = run_once(&settings, &args, Some((sweep.key, value))).await?;
+        if !args.json {
+            println!("{}", report::sweep_row(value, &summary));
+        }
+        runs.push(serde_json::json!({ "value": value, "summary": summary }));
+    }
+    let lost = runs.iter().filter(|r| r["summary"]["complete"] == false).count();
+    if args.json {
+        println!("{}", serde_json::json!({ "sweep": sweep.key.name(), "runs": runs }));
+    }
+    if lost > 0 {
+        eprintln!(
+            "\nWARNING: INCOMPLETE RUNS: {lost} of {} runs indexed fewer documents than items sent; their rows undercount the work.\n",
+            runs.len()
+        );
+        bail!("{lost} runs lost documents");
+    }
+    Ok(())
+}
+
+/// One run: the settings and options with `sweep` applied, then in process or over HTTP.
+async fn run_once(base: &Settings, args: &BenchArgs, sweep: Option<(SweepKey, &str)>) -> anyhow::Result<Summary> {
+    let mut args = args.clone();
+    let mut settings = base.clone();
+    if let Some((key, value)) = sweep {
+        key.apply(value, &mut args, &mut settings);
+    }
+    apply_overrides(&args, &mut settings)?;
+    let label = sweep.map(|(k, v)| format!("{}={v} ", k.name()));
+    match &args.http {
+        Some(url) => over_http(url, &settings, &args, label).await,
+        None => in_process(&settings, &args, label).await,
+    }
+}
+
+/// Applies the command-line overrides to the settings, and validates the result.
+pub fn apply_overrides(args: &BenchArgs, settings: &mut Settings) -> anyhow::Result<()> {
+    if !args.dims.is_empty() {
+        settings.parts = parts_with_dims(&settings.parts, &args.dims);
+    }
+    if let Some(url) = &args.redis {
+        settings.redis.url = url.clone();
+    }
+    match &args.sink {
+        Some(SinkArg::Null) => settings.sink.backend = SinkBackend::Null,
+        Some(SinkArg::Url(url)) => {
+            settings.sink.backend = SinkBackend::Elasticsearch;
+            settings.elasticsearch.url = url.clone();
+        }
+        None => {}
+    }
+    if let Some(index) = &args.index {
+        settings.elasticsearch.index = index.clone();
+    }
+    if let Some(shards) = args.shards {
+        settings.shards.count = shards as usize;
+    }
+    settings.redis.key_prefix = format!("embedjoin-bench-{:016x}:", rand::random::<u64>());
+    settings.redis.partial_ttl = settings.redis.partial_ttl.min(Duration::from_secs(3600));
+    settings.validate().context("invalid settings for the bench")?;
+    Ok(())
+}
+
+/// The configured parts with `dims` applied: names kept, extra parts added, the rest dropped.
+fn parts_with_dims(parts: &[PartSettings], dims: &[u16]) -> Vec<PartSettings> {
+    dims.iter()
+        .enumerate()
+        .map(|(i, &d)| match parts.get(i) {
+            Some(p) => PartSettings { dims: d as usize, ..p.clone() },
+            None => PartSettings {
+                type_name: format!("PART_{}", i + 1),
+                field: format!("part_{}", i + 1),
+                dims: d as usize,
+            },
+        })
+        .collect()
+}
+
+fn load_spec(settings: &Settings, args: &BenchArgs, id_prefix: String) -> LoadSpec {
+    LoadSpec {
+        entities: args.entities as usize,
+        parts: settings.parts.clone(),
+        batch_size: args.batch_size as usize,
+        order: args.order,
+        duplicates: args.duplicates,
+        seed: args.seed,
+        id_prefix,
+    }
+}
+
+fn shape(mode: &'static str, settings: &Settings, args: &BenchArgs) -> RunShape {
+    RunShape {
+        mode,
+        order: args.order,
+        entities: args.entities as usize,
+        dims: settings.parts.iter().map(|p| p.dims).collect(),
+        batch_size: args.batch_size as usize,
+        concurrency: args.concurrency as usize,
+        shards: (mode == "in-process").then(|| settings.shard_count()),
+    }
+}
+
+async fn in_process(settings: &Settings, args: &BenchArgs, label: Option<String>) -> anyhow::Result<Summary> {
+    let batches = load_spec(settings, args, "bench-".into()).part_batches();
+    let parts_sent: u64 = batches.iter().map(|b| b.len() as u64).sum();
+    let vector_bytes: u64 = batches.iter().flatten().map(|p| p.vector.len() as u64 * 4).sum();
+    let load_bytes: u64 =
+        batches.iter().flatten().map(|p| (p.vector.capacity() * 4 + p.id.capacity() + size_of_val(p)) as u64).sum();
+    reset_peak_rss();
+    let pipeline = Pipeline::start(settings).await?;
+    let metrics = pipeline.metrics.clone();
+    let progress = Progress::new(args, parts_sent, label);
+    let watcher = {
+        let (metrics, progress) = (metrics.clone(), progress.clone());
+        tokio::spawn(async move {
+            loop {
+                progress.done(metrics.documents_indexed.get() + metrics.dead_letters.get());
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+    };
+    let queue = Arc::new(Mutex::new(batches.into_iter()));
+    let started = Instant::now();
+    let mut senders = JoinSet::new();
+    for _ in 0..args.concurrency {
+        let (router, queue) = (pipeline.router.clone(), queue.clone());
+        let (metrics, progress) = (metrics.clone(), progress.clone());
+        senders.spawn(async move {
+            loop {
+                let next = queue.lock().unwrap_or_else(|e| e.into_inner()).next();
+                let Some(mut batch) = next else {
+                    return Ok::<_, anyhow::Error>(());
+                };
+                // Arrival is now, as ingress would stamp it, not generation time.
+                let now = Instant::now();
+                for part in &mut batch {
+                    part.received_at = now;
+                }
+                let n = batch.len() as u64;
+                router.submit(batch).await?;
+                metrics.parts_received.inc_by(n);
+                progress.sent(n);
+            }
+        });
+    }
+    while let Some(done) = senders.join_next().await {
+        done.context("a sender task failed")??;
+    }
+    let submitted = started.elapsed();
+    pipeline.shutdown().await;
+    let wall = started.elapsed();
+    watcher.abort();
+    progress.finish();
+    if let Err(e) = clean_up(settings).await {
+        eprintln!("note: cannot remove this run's keys under `{}`: {e:#}", settings.redis.key_prefix);
+    }
+
+    let totals = Scrape::parse(&metrics.render());
+    let latency = Latency::from_hdr(&metrics.part_to_indexed_us.lock().unwrap_or_else(|e| e.into_inner()));
+    let counts = Counts {
+        parts_sent,
+        parts_accepted: totals.parts_received as u64,
+        documents_indexed: totals.documents_indexed as u64,
+        dead_letters: totals.dead_letters as u64,
+        completed_in_memory: totals.completed_in_memory as u64,
+        completed_in_store: totals.completed_in_store as u64,
+        redis_merges: totals.store_merges as u64,
+        redis_merge_bytes: totals.store_merge_bytes as u64,
+        bulk_requests: totals.bulk_requests as u64,
+        bulk_bytes: totals.bulk_bytes as u64,
+        vector_bytes,
+        json_bytes: None,
+    };
+    Ok(Summary::new(
+        shape("in-process", settings, args),
+        counts,
+        wall.as_secs_f64(),
+        submitted.as_secs_f64(),
+        latency,
+        peak_rss(),
+        Some(load_bytes),
+    ))
+}
+
+async fn over_http(url: &str, settings: &Settings, args: &BenchArgs, label: Option<String>) -> anyhow::Result<Summary> {
+    // A fresh id prefix per run: the server may still hold partials of an earlier run.
+    let spec = load_spec(settings, args, format!("bench-{:08x}-", rand::random::<u32>()));
+    let vector_bytes: u64 = spec.sequence().iter().map(|s| spec.parts[s.slot as usize].dims as u64 * 4).sum();
+    let batches = spec.json_batches();
+    let parts: u64 = batches.iter().map(|(_, n)| *n as u64).sum();
+    let progress = Progress::new(args, parts, label);
+    let outcome = http::run(url, batches, args.concurrency as usize, args.entities as usize, &progress).await;
+    progress.finish();
+    let mut run = outcome?;
+    run.counts.vector_bytes = vector_bytes;
+    Ok(Summary::new(
+        shape("http", settings, args),
+        run.counts,
+        run.wall.as_secs_f64(),
+        run.submitted.as_secs_f64(),
+        run.latency,
+        None,
+        None,
+    ))
+}
+
+/// The progress bar on stderr: documents finished out of items, and parts sent. Hidden
+/// with `--json` or when stderr is not a terminal.
+#[derive(Clone)]
+pub struct Progress {
+    bar: Option<ProgressBar>,
+    sent: Arc<AtomicU64>,
+    parts: u64,
+}
+
+impl Progress {
+    fn new(args: &BenchArgs, parts: u64, label: Option<String>) -> Progress {
+        let visible = !args.json && std::io::stderr().is_terminal();
+        let bar = visible.then(|| {
+            let bar =
+                ProgressBar::with_draw_target(Some(u64::from(args.entities)), ProgressDrawTarget::stderr_with_hz(10));
+            bar.set_style(
+                ProgressStyle::with_template("{prefix}[{elapsed_precise}] {wide_bar} {pos}/{len} documents; {msg}")
+                    .expect("a valid template"),
+            );
+            bar.set_prefix(label.unwrap_or_default());
+            bar
+        });
+        Progress { bar, sent: Arc::new(AtomicU64::new(0)), parts }
+    }
+
+    /// `n` more parts were handed in.
+    pub fn sent(&self, n: u64) {
+        let sent = self.sent.fetch_add(n, Ordering::Relaxed) + n;
+        if let Some(bar) = &self.bar {
+            bar.set_message(format!("parts sent {sent}/{}", self.parts));
+        }
+    }
+
+    /// `n` documents are indexed or dead-lettered so far.
+    pub fn done(&self, n: u64) {
+        if let Some(bar) = &self.bar {
+            bar.set_position(n);
+        }
+    }
+
+    fn finish(&self) {
+        if let Some(bar) = &self.bar {
+            bar.finish_and_clear();
+        }
+    }
+}
+
+/// Removes what the run left under its own fresh key prefix (markers, and the orphan
+/// partials that late `--duplicates` copies start), so repeated runs do not pile up keys.
+/// Dead letters are kept, for inspection. Nothing outside the prefix is touched.
+async fn clean_up(settings: &Settings) -> anyhow::Result<()> {
+    if settings.state.backend != StateBackend::Redis {
+        return Ok(());
+    }
+    let prefix = &settings.redis.key_prefix;
+    debug_assert!(prefix.starts_with("embedjoin-bench-"), "only a bench prefix");
+    let dead_letters = format!("{prefix}{}", settings.redis.dead_letter_key);
+    let mut conn = redis::Client::open(settings.redis.url.as_str())?.get_multiplexed_async_connection().await?;
+    let mut cursor = 0u64;
+    loop {
+        let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(format!("{prefix}*"))
+            .arg("COUNT")
+            .arg(1000)
+            .query_async(&mut conn)
+            .await?;
+        let doomed: Vec<&String> = keys.iter().filter(|k| **k != dead_letters).collect();
+        if !doomed.is_empty() {
+            redis::cmd("UNLINK").arg(&doomed).query_async::<()>(&mut conn).await?;
+        }
+        if next == 0 {
+            break;
+        }
+        cursor = next;
+    }
+    let kept: u64 = redis::cmd("LLEN").arg(&dead_letters).query_async(&mut conn).await.unwrap_or(0);
+    if kept > 0 {
+        eprintln!("note: {kept} dead letters of this run are kept in the Redis list `{dead_letters}`.");
+    }
+    Ok(())
+}
+
+/// Peak resident memory of this process (VmHWM), on Linux.
+fn peak_rss() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+/// Resets VmHWM to the current RSS (Linux), so each run of a sweep gets its own peak.
+fn reset_peak_rss() {
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        bench: BenchArgs,
+    }
+
+    fn parse(args: &[&str]) -> Result<BenchArgs, clap::Error> {
+        Cli::try_parse_from(std::iter::once("bench").chain(args.iter().copied())).map(|c| c.bench)
+    }
+
+    #[test]
+    fn defaults_are_the_documented_ones() {
+        let a = parse(&[]).unwrap();
+        assert_eq!((a.entities, a.batch_size, a.concurrency, a.order), (20_000, 100, 8, Order::Interleaved));
+        assert_eq!(a.duplicates, 0.0);
+        assert!(a.sweep.is_none() && a.http.is_none() && !a.json);
+    }
+
+    #[test]
+    fn bad_options_are_refused_by_name() {
+        for bad in [
+            &["--duplicates", "1.5"][..],
+            &["--sink", "file"],
+            &["--sink", "somewhere"],
+            &["--sweep", "colour=red"],
+            &["--sweep", "shards=0"],
+            &["--sweep", "flush_interval=soon"],
+            &["--dims", "0"],
+            &["--http", "http://x", "--shards", "2"],
+        ] {
+            assert!(parse(bad).is_err(), "{bad:?} was accepted");
+        }
+    }
+
+    #[test]
+    fn a_sweep_names_a_key_and_its_values() {
+        let a = parse(&["--sweep", "flush_interval=10ms, 50ms,200ms"]).unwrap();
+        let sweep = a.sweep.unwrap();
+        assert_eq!(sweep.key, SweepKey::FlushInterval);
+        assert_eq!(sweep.values, ["10ms", "50ms", "200ms"]);
+    }
+
+    #[test]
+    fn overrides_reach_the_settings() {
+        let mut args = parse(&[
+            "--dims",
+            "8,16,4",
+            "--redis",
+            "redis://127.0.0.1:6400",
+            "--sink",
+            "null",
+            "--shards",
+            "3",
+            "--index",
+            "bench",
+        ])
+        .unwrap();
+        let mut s = Settings::defaults();
+        SweepKey::FlushInterval.apply("20ms", &mut args, &mut s);
+        SweepKey::BatchSize.apply("7", &mut args, &mut s);
+        apply_overrides(&args, &mut s).unwrap();
+        let parts: Vec<_> = s.parts.iter().map(|p| (p.type_name.as_str(), p.dims)).collect();
+        assert_eq!(parts, [("EMBEDDINGS_TEXT", 8), ("EMBEDDINGS_IMAGE", 16), ("PART_3", 4)]);
+        assert_eq!(s.redis.url, "redis://127.0.0.1:6400");
+        assert_eq!(s.sink.backend, SinkBackend::Null);
+        assert_eq!((s.shards.count, s.elasticsearch.index.as_str()), (3, "bench"));
+        assert_eq!(s.shards.flush_interval, Duration::from_millis(20));
+        assert_eq!(args.batch_size, 7);
+        assert!(s.redis.key_prefix.starts_with("embedjoin-bench-"));
+        assert!(s.redis.partial_ttl <= Duration::from_secs(3600));
+        // Fewer values than parts keep only the first parts.
+        assert_eq!(parts_with_dims(&s.parts, &[5]).len(), 1);
+    }
+
+    #[test]
+    fn each_run_gets_its_own_key_prefix() {
+        let args = parse(&[]).unwrap();
+        let (mut a, mut b) = (Settings::defaults(), Settings::defaults());
+        apply_overrides(&args, &mut a).unwrap();
+        apply_overrides(&args, &mut b).unwrap();
+        assert_ne!(a.redis.key_prefix, b.redis.key_prefix);
+    }
+
+    /// Runs the real pipeline against the Redis in `EMBEDJOIN_TEST_REDIS_URL` (skipped
+    /// without it): every item indexed, and the split order completes each through Redis.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_in_process_run_indexes_every_item() {
+        let Ok(url) = std::env::var("EMBEDJOIN_TEST_REDIS_URL") else {
+            eprintln!("skipped: set EMBEDJOIN_TEST_REDIS_URL to run it");
+            return;
+        };
+        let args = parse(&[
+            "--redis",
+            &url,
+            "--sink",
+            "null",
+            "--entities",
+            "500",
+            "--dims",
+            "4,6",
+            "--order",
+            "split",
+            "--batch-size",
+            "50",
+            "--json",
+        ])
+        .unwrap();
+        // A flush per batch: the run is shorter than a flush interval, and split parts
+        // must still meet in Redis rather than in memory.
+        let mut settings = Settings::defaults();
+        settings.shards.max_dirty = 1;
+        let s = run_once(&settings, &args, None).await.unwrap();
+        assert!(s.complete, "{s:?}");
+        assert_eq!(s.documents_indexed, 500);
+        assert_eq!(s.parts_accepted, 1000);
+        assert_eq!(s.completed_in_store + s.completed_in_memory, 500);
+        assert_eq!(s.completed_in_store, 500, "{s:?}");
+        assert_eq!(s.redis_merges, 1000, "{s:?}");
+        assert!(s.latency.is_some() && s.peak_rss_bytes.is_some());
+    }
+}

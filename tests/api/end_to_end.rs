@@ -1,0 +1,148 @@
+//! Parts in, complete documents out: every item indexed once, with exactly the vectors sent.
+
+use std::time::Duration;
+
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use serde_json::Value;
+
+use crate::support::app::{spawn_app, test_settings};
+use crate::support::data::{item, stored_vector, vector, IMAGE, TEXT};
+use crate::support::es::EsTarget;
+use crate::support::load::post_all;
+use crate::support::redis_server::RedisServer;
+
+const TEXT_DIMS: usize = 384;
+const IMAGE_DIMS: usize = 512;
+
+fn parts_of(ids: &[String]) -> Vec<Value> {
+    ids.iter().flat_map(|id| [item(id, TEXT, TEXT_DIMS), item(id, IMAGE, IMAGE_DIMS)]).collect()
+}
+
+/// Asserts every id is indexed with its exact vectors; returns the index writes per id.
+pub async fn assert_indexed_exactly(es: &EsTarget, ids: &[String]) -> Vec<u64> {
+    let count = es.wait_for_count(ids.len(), Duration::from_secs(120)).await;
+    assert_eq!(count, ids.len(), "documents in the index");
+    let docs = es.docs(ids).await;
+    assert_eq!(docs.len(), ids.len(), "documents found by id");
+    ids.iter()
+        .map(|id| {
+            let doc = &docs[id];
+            assert_eq!(doc.source["id"], id.as_str());
+            assert_eq!(stored_vector(&doc.source, "text_embedding"), vector(id, TEXT, TEXT_DIMS, 0), "{id} text");
+            assert_eq!(stored_vector(&doc.source, "image_embedding"), vector(id, IMAGE, IMAGE_DIMS, 0), "{id} image");
+            assert!(doc.source["completed_at"].is_string());
+            doc.version
+        })
+        .collect()
+}
+
+/// Keys left in Redis that hold every part: there must be none.
+pub async fn complete_items_left_in_redis(redis: &RedisServer) -> usize {
+    let mut conn = redis.connection().await;
+    let keys: Vec<String> = redis::cmd("KEYS").arg("embedjoin:{*").query_async(&mut conn).await.unwrap();
+    let mut complete = 0;
+    for key in keys {
+        let fields: Vec<String> = redis::cmd("HKEYS").arg(&key).query_async(&mut conn).await.unwrap();
+        if fields.iter().any(|f| f == TEXT) && fields.iter().any(|f| f == IMAGE) {
+            complete += 1;
+        }
+    }
+    complete
+}
+
+/// Keys left in Redis, but the epoch marker (which stays for the life of the data).
+pub async fn redis_keys(redis: &RedisServer) -> Vec<String> {
+    let mut conn = redis.connection().await;
+    let keys: Vec<String> = redis::cmd("KEYS").arg("*").query_async(&mut conn).await.unwrap();
+    keys.into_iter().filter(|k| k != "embedjoin:epoch").collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_thousand_items_in_random_order_are_each_indexed_once_with_their_vectors() {
+    let (redis, es) = (RedisServer::start().await, EsTarget::start().await);
+    let app = spawn_app(test_settings(&redis, &es)).await;
+    let ids: Vec<String> = (0..10_000).map(|i| format!("sku-{i}")).collect();
+    let mut parts = parts_of(&ids);
+    parts.shuffle(&mut rand::rngs::StdRng::seed_from_u64(7));
+    let batches: Vec<Vec<Value>> = parts.chunks(100).map(<[Value]>::to_vec).collect();
+    assert_eq!(post_all(&[&app], batches, 8).await, 20_000);
+
+    let versions = assert_indexed_exactly(&es, &ids).await;
+    assert!(versions.iter().all(|&v| v == 1), "every document indexed once");
+    app.stop().await.unwrap();
+    assert_eq!(complete_items_left_in_redis(&redis).await, 0);
+    assert_eq!(redis_keys(&redis).await, Vec::<String>::new(), "nothing left in Redis");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn both_parts_in_one_batch_complete_in_memory() {
+    // The Python service lost every item whose two parts arrived in one batch.
+    let (redis, es) = (RedisServer::start().await, EsTarget::start().await);
+    let app = spawn_app(test_settings(&redis, &es)).await;
+    let ids: Vec<String> = (0..2_000).map(|i| format!("pair-{i}")).collect();
+    let batches: Vec<Vec<Value>> = parts_of(&ids).chunks(100).map(<[Value]>::to_vec).collect();
+    post_all(&[&app], batches, 4).await;
+
+    let versions = assert_indexed_exactly(&es, &ids).await;
+    assert!(versions.iter().all(|&v| v == 1));
+    app.stop().await.unwrap();
+    assert_eq!(redis_keys(&redis).await, Vec::<String>::new());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parts_sent_twice_still_yield_one_complete_document_per_item() {
+    let (redis, es) = (RedisServer::start().await, EsTarget::start().await);
+    let mut settings = test_settings(&redis, &es);
+    settings.shards.flush_interval = Duration::from_millis(5);
+    let app = spawn_app(settings).await;
+    let ids: Vec<String> = (0..3_000).map(|i| format!("dup-{i}")).collect();
+    let mut parts = parts_of(&ids);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+    let again: Vec<Value> = parts.iter().filter(|_| rand::Rng::random_bool(&mut rng, 0.2)).cloned().collect();
+    parts.extend(again);
+    parts.shuffle(&mut rng);
+    post_all(&[&app], parts.chunks(50).map(<[Value]>::to_vec).collect(), 8).await;
+
+    let versions = assert_indexed_exactly(&es, &ids).await;
+    assert!(versions.iter().all(|&v| v >= 1));
+    app.stop().await.unwrap();
+    assert_eq!(complete_items_left_in_redis(&redis).await, 0, "a complete item left in Redis");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metadata_is_merged_into_the_document_and_the_index_has_vector_mappings() {
+    let (redis, es) = (RedisServer::start().await, EsTarget::start().await);
+    let app = spawn_app(test_settings(&redis, &es)).await;
+    let mut text = item("m-1", TEXT, TEXT_DIMS);
+    text["metadata"] = serde_json::json!({"title": "a red shoe", "lang": "en"});
+    let mut image = item("m-1", IMAGE, IMAGE_DIMS);
+    image["metadata"] = serde_json::json!({"lang": "und", "width": 640});
+    // Parts in two requests far enough apart that the first is persisted to Redis.
+    let r = app.post_json(&serde_json::json!({"embeddings": [text]})).await;
+    assert_eq!(r.status(), 202);
+    let mut conn = redis.connection().await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while redis_keys(&redis).await.is_empty() {
+        assert!(std::time::Instant::now() < deadline, "the partial never reached Redis");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let ttl: i64 = redis::cmd("PTTL").arg("embedjoin:{m-1}").query_async(&mut conn).await.unwrap();
+    assert!(ttl > 0, "partials carry a TTL");
+    let r = app.post_json(&serde_json::json!({"embeddings": [image]})).await;
+    assert_eq!(r.status(), 202);
+
+    assert_eq!(es.wait_for_count(1, Duration::from_secs(30)).await, 1);
+    let doc = es.doc("m-1").await.unwrap().source;
+    assert_eq!(doc["title"], "a red shoe");
+    assert_eq!(doc["lang"], "und", "the later part's metadata wins");
+    assert_eq!(doc["width"], 640);
+    let mapping = es.mapping().await;
+    let props = &mapping[&es.index]["mappings"]["properties"];
+    assert_eq!(props["text_embedding"]["type"], "dense_vector");
+    assert_eq!(props["text_embedding"]["dims"], 384);
+    assert_eq!(props["image_embedding"]["dims"], 512);
+    assert_eq!(props["image_embedding"]["similarity"], "cosine");
+    app.stop().await.unwrap();
+    assert_eq!(redis_keys(&redis).await, Vec::<String>::new());
+}

@@ -1,0 +1,39 @@
+//! Several instances behind a load balancer share one Redis: the parts of an item may land
+//! on different instances, and the item must still be completed exactly once.
+
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use serde_json::Value;
+
+use crate::end_to_end::{assert_indexed_exactly, redis_keys};
+use crate::support::app::{spawn_app, test_settings};
+use crate::support::data::{item, IMAGE, TEXT};
+use crate::support::es::EsTarget;
+use crate::support::load::post_all;
+use crate::support::redis_server::RedisServer;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parts_split_across_instances_complete_exactly_once() {
+    let (redis, es) = (RedisServer::start().await, EsTarget::start().await);
+    let a = spawn_app(test_settings(&redis, &es)).await;
+    let b = spawn_app(test_settings(&redis, &es)).await;
+    let ids: Vec<String> = (0..3_000).map(|i| format!("x-{i}")).collect();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+    let mut texts: Vec<Value> = ids.iter().map(|id| item(id, TEXT, 384)).collect();
+    let mut images: Vec<Value> = ids.iter().map(|id| item(id, IMAGE, 512)).collect();
+    texts.shuffle(&mut rng);
+    images.shuffle(&mut rng);
+    // Texts only to `a`, images only to `b`, at the same time.
+    let to_a: Vec<Vec<Value>> = texts.chunks(100).map(<[Value]>::to_vec).collect();
+    let to_b: Vec<Vec<Value>> = images.chunks(100).map(<[Value]>::to_vec).collect();
+    let (only_a, only_b) = ([&a], [&b]);
+    let (sent_a, sent_b) = tokio::join!(post_all(&only_a, to_a, 4), post_all(&only_b, to_b, 4));
+    assert_eq!(sent_a + sent_b, 6_000);
+
+    let versions = assert_indexed_exactly(&es, &ids).await;
+    let twice: Vec<&String> = ids.iter().zip(&versions).filter(|(_, &v)| v != 1).map(|(id, _)| id).collect();
+    assert!(twice.is_empty(), "indexed more than once: {twice:?}");
+    a.stop().await.unwrap();
+    b.stop().await.unwrap();
+    assert_eq!(redis_keys(&redis).await, Vec::<String>::new());
+}

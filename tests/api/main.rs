@@ -1,0 +1,11 @@
+//! Integration tests: the real application on port 0, a real `redis-server` per test,
+//! and the Elasticsearch stand-in (or a real cluster with `EMBEDJOIN_TEST_ES_URL`).
+
+mod bad_input;
+mod cli;
+mod durability;
+mod end_to_end;
+mod es_standin_contract;
+mod instances;
+mod interleavings;
+mod support;

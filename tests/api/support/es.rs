@@ -1,0 +1,104 @@
+//! The Elasticsearch a test writes to: the strict stand-in by default, or a real cluster
+//! when `EMBEDJOIN_TEST_ES_URL` is set (each test then uses its own index).
+//! Everything here goes over HTTP, so the same assertions hold for both.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use super::es_standin::EsStandin;
+
+pub struct EsTarget {
+    pub url: String,
+    pub index: String,
+    standin: Option<EsStandin>,
+    http: reqwest::Client,
+}
+
+/// A stored document: how many times it was indexed, and its source.
+#[derive(Debug, Clone)]
+pub struct StoredDoc {
+    pub version: u64,
+    pub source: Value,
+}
+
+impl EsTarget {
+    pub async fn start() -> EsTarget {
+        let index = format!("embedjoin-test-{:08x}", rand::random::<u32>());
+        let http = reqwest::Client::new();
+        match std::env::var("EMBEDJOIN_TEST_ES_URL") {
+            Ok(url) if !url.is_empty() => EsTarget { url: url.trim_end_matches('/').to_owned(), index, standin: None, http },
+            _ => {
+                let standin = EsStandin::start().await;
+                EsTarget { url: standin.url(), index, standin: Some(standin), http }
+            }
+        }
+    }
+
+    /// The stand-in, for fault injection; `None` against a real cluster (skip such tests).
+    pub fn standin(&self) -> Option<&EsStandin> {
+        self.standin.as_ref()
+    }
+
+    pub async fn refresh(&self) {
+        let r = self.http.post(format!("{}/{}/_refresh", self.url, self.index)).send().await.unwrap();
+        assert!(r.status().is_success() || r.status() == 404, "refresh: {}", r.status());
+    }
+
+    /// Documents visible to search, after a refresh.
+    pub async fn count(&self) -> usize {
+        self.refresh().await;
+        let r = self.http.get(format!("{}/{}/_count", self.url, self.index)).send().await.unwrap();
+        if r.status() == 404 {
+            return 0;
+        }
+        let v: Value = r.json().await.unwrap();
+        v["count"].as_u64().expect("count") as usize
+    }
+
+    /// Waits until `n` documents are visible, or the timeout; returns the last count.
+    pub async fn wait_for_count(&self, n: usize, timeout: Duration) -> usize {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let count = self.count().await;
+            if count >= n || Instant::now() >= deadline {
+                return count;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Fetches documents by id (realtime), in chunks.
+    pub async fn docs(&self, ids: &[String]) -> HashMap<String, StoredDoc> {
+        let mut out = HashMap::new();
+        for chunk in ids.chunks(500) {
+            let r = self
+                .http
+                .post(format!("{}/{}/_mget", self.url, self.index))
+                .json(&serde_json::json!({ "ids": chunk }))
+                .send()
+                .await
+                .unwrap();
+            assert!(r.status().is_success(), "_mget: {}", r.status());
+            let v: Value = r.json().await.unwrap();
+            for d in v["docs"].as_array().expect("docs") {
+                if d["found"] == true {
+                    let id = d["_id"].as_str().unwrap().to_owned();
+                    let version = d["_version"].as_u64().unwrap();
+                    out.insert(id, StoredDoc { version, source: d["_source"].clone() });
+                }
+            }
+        }
+        out
+    }
+
+    pub async fn doc(&self, id: &str) -> Option<StoredDoc> {
+        self.docs(&[id.to_owned()]).await.remove(id)
+    }
+
+    pub async fn mapping(&self) -> Value {
+        let r = self.http.get(format!("{}/{}/_mapping", self.url, self.index)).send().await.unwrap();
+        r.json().await.unwrap()
+    }
+}
