@@ -54,10 +54,7 @@ fn body(format: fn(f32) -> String) -> Vec<u8> {
             let (type_name, dims) = if i % 2 == 0 { ("EMBEDDINGS_TEXT", 384) } else { ("EMBEDDINGS_IMAGE", 512) };
             // Unit-norm-ish embeddings: elements around +-1/sqrt(dims), a few near zero.
             let vector: Vec<String> = (0..dims).map(|_| format(rng.random_range(-0.15f32..0.15))).collect();
-            format!(
-                r#"{{"id": "sku-{i:06}", "embedding_type": "{type_name}", "embedding": [{}]}}"#,
-                vector.join(", ")
-            )
+            format!(r#"{{"id": "sku-{i:06}", "embedding_type": "{type_name}", "embedding": [{}]}}"#, vector.join(", "))
         })
         .collect();
     format!(r#"{{"embeddings": [{}]}}"#, items.join(", ")).into_bytes()
@@ -69,7 +66,9 @@ fn decode(c: &mut Criterion) {
         let body = body(format);
         check_paths_agree(&body, &schema);
         println!("{style}: {ITEMS} embeddings in {} bytes", body.len());
-        for (unit, throughput) in [("embeddings", Throughput::Elements(ITEMS as u64)), ("bytes", Throughput::Bytes(body.len() as u64))] {
+        for (unit, throughput) in
+            [("embeddings", Throughput::Elements(ITEMS as u64)), ("bytes", Throughput::Bytes(body.len() as u64))]
+        {
             let mut group = c.benchmark_group(format!("decode_{style}_{unit}"));
             group.throughput(throughput);
             group.bench_function("serde_json", |b| b.iter(|| parse_batch_serde(black_box(&body), &schema, LIMITS)));

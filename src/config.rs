@@ -11,6 +11,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::secret::Secret;
+
 /// The defaults, compiled into the binary so it runs from any directory.
 pub const DEFAULT_TOML: &str = include_str!("../config/default.toml");
 
@@ -46,8 +48,10 @@ pub struct Settings {
     pub durability: DurabilitySettings,
     pub state: StateSettings,
     pub redis: RedisSettings,
+    pub embedded: EmbeddedSettings,
     pub sink: SinkSettings,
     pub elasticsearch: ElasticsearchSettings,
+    pub file: FileSettings,
     pub log: LogSettings,
 }
 
@@ -76,6 +80,9 @@ pub struct HttpSettings {
     pub max_id_bytes: usize,
     /// actix-web workers; 0 means one per core.
     pub workers: usize,
+    /// When set, `POST /aggregate*` and `GET /documents/*` need `Authorization: Bearer
+    /// <token>`; empty leaves them open.
+    pub auth_token: Secret,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -133,6 +140,8 @@ pub struct DurabilitySettings {
 #[serde(rename_all = "lowercase")]
 pub enum StateBackend {
     Redis,
+    /// An on-disk store inside the process: no server, one instance per store file.
+    Embedded,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -141,10 +150,12 @@ pub struct StateSettings {
     pub backend: StateBackend,
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize)]
+/// `Debug` shows what `Serialize` shows (the URL without its password).
+#[derive(Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RedisSettings {
     /// `redis://[user:password@]host:port[/db]`, or `rediss://` for TLS.
+    #[serde(serialize_with = "crate::secret::serialize_url")]
     pub url: String,
     /// Prefix of every key embedjoin writes.
     pub key_prefix: String,
@@ -159,10 +170,23 @@ pub struct RedisSettings {
     pub connection_timeout: Duration,
 }
 
+/// The embedded state store (`state.backend = "embedded"`).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct EmbeddedSettings {
+    /// The store's file; it and its directory are created if missing.
+    pub path: std::path::PathBuf,
+    /// Time after which an incomplete partial is taken by the orphan sweeper.
+    #[serde(with = "humantime_serde")]
+    pub partial_ttl: Duration,
+}
+
 #[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum SinkBackend {
     Elasticsearch,
+    /// Appends `_bulk` NDJSON to rotated files, to load into Elasticsearch later.
+    File,
     /// Discards documents (every item acknowledged, no I/O), for benchmarks.
     Null,
 }
@@ -171,6 +195,17 @@ pub enum SinkBackend {
 #[serde(deny_unknown_fields)]
 pub struct SinkSettings {
     pub backend: SinkBackend,
+}
+
+/// The file sink (`sink.backend = "file"`).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileSettings {
+    /// Directory of the `embedjoin-NNNNNN.ndjson` files; created if missing.
+    pub dir: std::path::PathBuf,
+    /// A file is closed and the next one started before a batch would take it past this
+    /// size (a batch larger than this goes alone into a file).
+    pub max_bytes: u64,
 }
 
 /// dense_vector similarity functions Elasticsearch knows.
@@ -194,20 +229,19 @@ impl Similarity {
     }
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize)]
+/// `Debug` shows what `Serialize` shows (no password, no API key).
+#[derive(Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ElasticsearchSettings {
+    #[serde(serialize_with = "crate::secret::serialize_url")]
     pub url: String,
     pub index: String,
     /// Create the index with dense_vector mappings at start unless it exists.
     pub create_index: bool,
     pub similarity: Similarity,
-    #[serde(skip_serializing)]
     pub username: String,
-    #[serde(skip_serializing)]
-    pub password: String,
-    #[serde(skip_serializing)]
-    pub api_key: String,
+    pub password: Secret,
+    pub api_key: Secret,
     /// Documents per bulk request, at most.
     pub bulk_max_docs: usize,
     /// Bytes per bulk request body, at most (one larger document still goes alone).
@@ -229,7 +263,57 @@ pub struct ElasticsearchSettings {
     pub retry_statuses: Vec<u16>,
     /// Gzip request bodies.
     pub compression: bool,
+    /// How vectors are written in documents.
+    pub vector_encoding: VectorEncoding,
 }
+
+/// How vectors are written into documents sent to Elasticsearch.
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum VectorEncoding {
+    /// JSON arrays of numbers: every version of Elasticsearch and OpenSearch.
+    Array,
+    /// Base64 of big-endian float32 bytes: Elasticsearch 9.3+ only; cheaper to produce and
+    /// about a third of the size.
+    Base64,
+}
+
+// By hand, through `Serialize`, so that a URL's password never reaches `{:?}` (a field added
+// later is covered without anyone remembering to redact it).
+impl std::fmt::Debug for RedisSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        debug_as_serialized("RedisSettings", self, f)
+    }
+}
+
+impl std::fmt::Debug for ElasticsearchSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        debug_as_serialized("ElasticsearchSettings", self, f)
+    }
+}
+
+fn debug_as_serialized<T: Serialize>(
+    name: &str,
+    value: &T,
+    f: &mut std::fmt::Formatter<'_>,
+) -> std::fmt::Result {
+    match serde_json::to_value(value) {
+        Ok(shown) => write!(f, "{name} {shown}"),
+        Err(_) => write!(f, "{name} {{ .. }}"),
+    }
+}
+
+/// Where a secret lives in the settings.
+type SecretField = fn(&mut Settings) -> &mut Secret;
+
+/// Settings that hold secrets, with the environment variable that sets each. They are
+/// read from the environment verbatim: `try_parsing` would turn a token like `0123` into
+/// the number 123 and `TRUE` into `true`.
+const SECRET_ENV: &[(&str, SecretField)] = &[
+    ("EMBEDJOIN__HTTP__AUTH_TOKEN", |s| &mut s.http.auth_token),
+    ("EMBEDJOIN__ELASTICSEARCH__PASSWORD", |s| &mut s.elasticsearch.password),
+    ("EMBEDJOIN__ELASTICSEARCH__API_KEY", |s| &mut s.elasticsearch.api_key),
+];
 
 #[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
@@ -261,7 +345,12 @@ impl Settings {
             .try_parsing(true)
             .list_separator(",")
             .with_list_parse_key("elasticsearch.retry_statuses");
-        let settings: Settings = builder.add_source(env).build()?.try_deserialize()?;
+        let mut settings: Settings = builder.add_source(env).build()?.try_deserialize()?;
+        for (var, field) in SECRET_ENV {
+            if let Ok(value) = std::env::var(var) {
+                *field(&mut settings) = Secret::new(value);
+            }
+        }
         settings.validate()?;
         Ok(settings)
     }
@@ -347,6 +436,14 @@ impl Settings {
         if !(1..=512).contains(&self.http.max_id_bytes) {
             return Err(invalid("http.max_id_bytes", "must be between 1 and 512"));
         }
+        // It travels in a header: RFC 6750's token68 characters, no spaces.
+        let token_char = |c: char| c.is_ascii_alphanumeric() || "-._~+/=".contains(c);
+        if !self.http.auth_token.expose().chars().all(token_char) {
+            return Err(invalid(
+                "http.auth_token",
+                "may only hold letters, digits and - . _ ~ + / = (it is sent in an HTTP header)",
+            ));
+        }
         positive("shards.mailbox_capacity", self.shards.mailbox_capacity)?;
         positive("shards.max_dirty", self.shards.max_dirty)?;
         positive("shards.max_resident_bytes", self.shards.max_resident_bytes)?;
@@ -379,6 +476,18 @@ impl Settings {
         }
         nonzero_duration("redis.response_timeout", self.redis.response_timeout)?;
         nonzero_duration("redis.connection_timeout", self.redis.connection_timeout)?;
+        if self.embedded.path.as_os_str().is_empty() {
+            return Err(invalid("embedded.path", "must not be empty"));
+        }
+        if self.embedded.partial_ttl < Duration::from_secs(1) {
+            return Err(invalid("embedded.partial_ttl", "must be at least 1s"));
+        }
+        if self.file.dir.as_os_str().is_empty() {
+            return Err(invalid("file.dir", "must not be empty"));
+        }
+        if self.file.max_bytes == 0 {
+            return Err(invalid("file.max_bytes", "must be greater than 0"));
+        }
 
         let es = &self.elasticsearch;
         let es_url = url::Url::parse(&es.url)
@@ -431,6 +540,14 @@ impl Settings {
         tracing_subscriber::EnvFilter::try_new(&self.log.level)
             .map_err(|e| invalid("log.level", e.to_string()))?;
         Ok(())
+    }
+
+    /// Time after which the configured state backend's incomplete partials are orphans.
+    pub fn partial_ttl(&self) -> Duration {
+        match self.state.backend {
+            StateBackend::Redis => self.redis.partial_ttl,
+            StateBackend::Embedded => self.embedded.partial_ttl,
+        }
     }
 
     /// Number of shards, with 0 resolved to the number of cores.
@@ -497,6 +614,45 @@ mod tests {
                 dims: 3
             }]
         );
+    }
+
+    #[test]
+    fn debug_and_serialize_never_show_secrets() {
+        let mut s = Settings::defaults();
+        s.redis.url = "redis://user:redis-pw@cache:6390".into();
+        s.elasticsearch.url = "https://elastic:url-pw@es:9200".into();
+        s.elasticsearch.password = Secret::new("es-pw");
+        s.elasticsearch.api_key = Secret::new("es-key");
+        s.http.auth_token = Secret::new("bearer-tok");
+        let shown = format!("{s:?} {}", serde_json::to_string(&s).unwrap());
+        for secret in ["redis-pw", "url-pw", "es-pw", "es-key", "bearer-tok"] {
+            assert!(!shown.contains(secret), "{secret} shown in {shown}");
+        }
+        assert!(shown.contains("cache:6390") && shown.contains("***"), "{shown}");
+    }
+
+    #[test]
+    fn an_auth_token_must_fit_in_a_header() {
+        assert!(Settings::load_from_str("[http]\nauth_token = 'abc-DEF_123.~+/='").is_ok());
+        assert!(error_of("[http]\nauth_token = 'has space'").contains("http.auth_token"));
+    }
+
+    #[test]
+    fn the_defaults_need_no_server_and_the_backends_settings_are_checked() {
+        let s = Settings::defaults();
+        assert_eq!((s.state.backend, s.sink.backend), (StateBackend::Embedded, SinkBackend::File));
+        assert_eq!(s.partial_ttl(), s.embedded.partial_ttl);
+        let redis = Settings::load_from_str("[state]\nbackend = 'redis'\n[redis]\npartial_ttl = '5m'").unwrap();
+        assert_eq!(redis.partial_ttl(), Duration::from_secs(300));
+        assert!(error_of("[embedded]\npath = ''").contains("embedded.path"));
+        assert!(error_of("[embedded]\npartial_ttl = '10ms'").contains("embedded.partial_ttl"));
+        assert!(error_of("[file]\ndir = ''").contains("file.dir"));
+        assert!(error_of("[file]\nmax_bytes = 0").contains("file.max_bytes"));
+        assert!(error_of("[state]\nbackend = 'sqlite'").contains("sqlite"));
+        for file in [include_str!("../config/local.toml"), include_str!("../config/production.toml")] {
+            let s = Settings::load_from_str(file).unwrap();
+            assert_eq!((s.state.backend, s.sink.backend), (StateBackend::Redis, SinkBackend::Elasticsearch));
+        }
     }
 
     #[test]

@@ -8,25 +8,32 @@
 //!   -> shard::Router: shard = hash(id) % shards
 //!      -> shard::ShardActor (owns its partials; completes in memory when it can;
 //!         every flush interval merges dirty partials into the state store in one
-//!         pipeline, and gets back the items that became complete there)
-//!      -> sink::writer::BulkWriter (batches into _bulk requests, retries, dead-letters)
-//!         -> sink::SinkClient (Elasticsearch)
+//!         batch, and gets back the items that became complete there, in its outbox)
+//!      -> sink::writer::BulkWriter (batches into _bulk requests, retries, dead-letters,
+//!         confirms outbox entries)
+//!         -> sink::SinkClient (Elasticsearch, NDJSON files, or null)
+//!   state::maintenance (per instance: resends the outbox, sweeps orphans)
 //! ```
 //!
 //! - [`config`]: typed settings and their validation; defaults in `config/default.toml`.
 //! - [`model`]: the parts, the request contract, documents.
-//! - [`state`]: the state store (Redis): atomic per-item merges, dead letters.
-//! - [`sink`]: the bulk writer and the Elasticsearch client.
+//! - [`state`]: the state store (Redis, or embedded on disk): atomic per-item merges, the
+//!   outbox, orphans, dead letters.
+//! - [`sink`]: the bulk writer and the sinks (Elasticsearch, `_bulk` files, null).
 //! - [`metrics`]: every exported metric, defined in one place.
 //! - [`app`]: assembles everything; [`shutdown`] and [`telemetry`] serve the binary.
 //! - [`bench`]: `embedjoin bench`, the in-process (or `--http`) benchmark.
+//! - [`check`]: `embedjoin check`, which validates the settings and reaches each backend.
+//! - [`secret`]: secrets in settings, and how they stay out of logs and printed configs.
 
 pub mod app;
 pub mod bench;
+pub mod check;
 pub mod config;
 pub mod http;
 pub mod metrics;
 pub mod model;
+pub mod secret;
 pub mod shard;
 pub mod shutdown;
 pub mod sink;

@@ -26,6 +26,9 @@ enum Command {
     /// Measure the whole pipeline in this process with generated load (or a running
     /// server with --http), and print a summary.
     Bench(embedjoin::bench::BenchArgs),
+    /// Validate the settings, reach each backend, and print the effective settings
+    /// (secrets shown as ***); exits non-zero, saying what to fix, when something is wrong.
+    Check(embedjoin::check::CheckArgs),
 }
 
 fn main() -> ExitCode {
@@ -39,10 +42,14 @@ fn main() -> ExitCode {
     };
     embedjoin::telemetry::init(&settings.log);
     let runtime = tokio::runtime::Runtime::new().expect("cannot start the tokio runtime");
+    if let Some(Command::Check(args)) = &cli.command {
+        return runtime.block_on(embedjoin::check::run(&settings, args));
+    }
     let result = runtime.block_on(async {
         match cli.command.unwrap_or(Command::Serve) {
             Command::Serve => serve(settings).await,
             Command::Bench(args) => embedjoin::bench::run(settings, args).await,
+            Command::Check(_) => unreachable!("handled above"),
         }
     });
     match result {

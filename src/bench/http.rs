@@ -44,6 +44,7 @@ async fn scrape(client: &reqwest::Client, base: &str) -> anyhow::Result<Scrape> 
 pub async fn run(
     base: &str,
     batches: Vec<(Bytes, usize)>,
+    content_type: &'static str,
     concurrency: usize,
     expected_documents: usize,
     progress: &Progress,
@@ -67,7 +68,7 @@ pub async fn run(
                 let Some((body, count)) = next else {
                     return Ok::<_, anyhow::Error>(());
                 };
-                let taken = post(&client, &url, body).await?;
+                let taken = post(&client, &url, content_type, body).await?;
                 accepted.fetch_add(taken, std::sync::atomic::Ordering::Relaxed);
                 progress.sent(count as u64);
             }
@@ -115,11 +116,11 @@ pub async fn run(
 /// Posts one body until the server takes it; returns the items it accepted. A 503
 /// (saturated or shutting down) is retried after its Retry-After; anything else but 202
 /// stops the run, since the figures would not mean what they say.
-async fn post(client: &reqwest::Client, url: &str, body: Bytes) -> anyhow::Result<u64> {
+async fn post(client: &reqwest::Client, url: &str, content_type: &str, body: Bytes) -> anyhow::Result<u64> {
     for _ in 0..600 {
         let response = client
             .post(url)
-            .header("content-type", "application/json")
+            .header("content-type", content_type)
             .body(body.clone())
             .send()
             .await

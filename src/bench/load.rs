@@ -131,6 +131,33 @@ impl LoadSpec {
             .collect()
     }
 
+    /// Batches as MessagePack `POST /aggregate/` bodies (vectors as `bin` of little-endian
+    /// f32s, what a numpy client sends), with the number of parts in each.
+    pub fn msgpack_batches(&self) -> Vec<(Bytes, usize)> {
+        use rmp::encode::{write_array_len, write_bin, write_map_len, write_str};
+        self.sequence()
+            .chunks(self.batch_size)
+            .map(|chunk| {
+                let mut body = Vec::with_capacity(chunk.len() * (64 + 4 * 512));
+                write_map_len(&mut body, 1).expect("to a Vec");
+                write_str(&mut body, "embeddings").expect("to a Vec");
+                write_array_len(&mut body, chunk.len() as u32).expect("to a Vec");
+                for &s in chunk {
+                    let part = &self.parts[s.slot as usize];
+                    let vector: Vec<u8> = self.vector(s).iter().flat_map(|x| x.to_le_bytes()).collect();
+                    write_map_len(&mut body, 3).expect("to a Vec");
+                    write_str(&mut body, "id").expect("to a Vec");
+                    write_str(&mut body, &self.id(s.entity)).expect("to a Vec");
+                    write_str(&mut body, "embedding_type").expect("to a Vec");
+                    write_str(&mut body, &part.type_name).expect("to a Vec");
+                    write_str(&mut body, "embedding").expect("to a Vec");
+                    write_bin(&mut body, &vector).expect("to a Vec");
+                }
+                (Bytes::from(body), chunk.len())
+            })
+            .collect()
+    }
+
     /// Batches as `POST /aggregate/` bodies, with the number of parts in each.
     pub fn json_batches(&self) -> Vec<(Bytes, usize)> {
         let mut floats = ryu::Buffer::new();
@@ -273,6 +300,20 @@ mod tests {
         assert_eq!(batches[14].len(), 2);
         assert_eq!(batches[0][0].id, "t-0");
         assert_eq!(batches[0][1].vector.len(), 5);
+    }
+
+    #[test]
+    fn msgpack_batches_carry_the_same_parts_as_json() {
+        let s = spec(Order::Shuffled, 0.0);
+        let schema = crate::model::Schema::new(&s.parts);
+        let limits = crate::model::ingest::Limits { max_id_bytes: 512 };
+        for ((json, n), (msgpack, m)) in s.json_batches().iter().zip(s.msgpack_batches()) {
+            assert_eq!(*n, m);
+            let (a, ra) = crate::model::ingest::parse_batch(json, &schema, limits).unwrap();
+            let (b, rb) = crate::model::ingest::parse_batch_msgpack(&msgpack, &schema, limits).unwrap();
+            assert!(ra.is_empty() && rb.is_empty());
+            assert_eq!(a.iter().map(|p| (&p.id, p.slot, &p.vector)).collect::<Vec<_>>(), b.iter().map(|p| (&p.id, p.slot, &p.vector)).collect::<Vec<_>>());
+        }
     }
 
     #[test]

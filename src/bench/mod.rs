@@ -39,6 +39,22 @@ use load::{LoadSpec, Order};
 use report::{Counts, Latency, RunShape, Summary};
 use scrape::Scrape;
 
+/// Request body formats for `--http`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum BodyFormat {
+    Json,
+    Msgpack,
+}
+
+impl BodyFormat {
+    pub fn content_type(self) -> &'static str {
+        match self {
+            BodyFormat::Json => "application/json",
+            BodyFormat::Msgpack => "application/msgpack",
+        }
+    }
+}
+
 /// The options of `embedjoin bench`.
 #[derive(Debug, Clone, clap::Args)]
 #[command(after_help = AFTER_HELP)]
@@ -70,7 +86,7 @@ pub struct BenchArgs {
     pub redis: Option<String>,
     /// Where documents go: `null` (discarded, no I/O) or an Elasticsearch base URL;
     /// overrides the configured sink.
-    #[arg(long, value_name = "null|URL", value_parser = SinkArg::parse, conflicts_with = "http")]
+    #[arg(long, value_name = "null|file|URL", value_parser = SinkArg::parse, conflicts_with = "http")]
     pub sink: Option<SinkArg>,
     /// Elasticsearch index; overrides elasticsearch.index.
     #[arg(long, value_name = "NAME", conflicts_with = "http")]
@@ -85,6 +101,9 @@ pub struct BenchArgs {
     /// instead of an in-process pipeline.
     #[arg(long, value_name = "URL")]
     pub http: Option<String>,
+    /// With --http: the request body format, json or msgpack (vectors as little-endian bytes).
+    #[arg(long, value_enum, default_value_t = BodyFormat::Json)]
+    pub format: BodyFormat,
     /// Print one JSON line instead of the table (and no progress bar).
     #[arg(long)]
     pub json: bool,
@@ -109,6 +128,8 @@ Examples:
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SinkArg {
     Null,
+    /// NDJSON files in a scratch directory of the run.
+    File,
     Url(String),
 }
 
@@ -116,7 +137,7 @@ impl SinkArg {
     fn parse(s: &str) -> Result<SinkArg, String> {
         match s {
             "null" => Ok(SinkArg::Null),
-            "file" => Err("the file sink is not available in this build; use null or a URL".into()),
+            "file" => Ok(SinkArg::File),
             url if url.starts_with("http://") || url.starts_with("https://") => Ok(SinkArg::Url(url.to_owned())),
             other => Err(format!("`{other}` is neither `null` nor an http(s):// URL")),
         }
@@ -292,10 +313,17 @@ pub fn apply_overrides(args: &BenchArgs, settings: &mut Settings) -> anyhow::Res
         settings.parts = parts_with_dims(&settings.parts, &args.dims);
     }
     if let Some(url) = &args.redis {
+        settings.state.backend = StateBackend::Redis;
         settings.redis.url = url.clone();
     }
+    // A run never writes into the service's own files: embedded store and file sink go to
+    // a scratch directory of the run.
+    let scratch = std::env::temp_dir().join(format!("embedjoin-bench-{:08x}", rand::random::<u32>()));
+    settings.embedded.path = scratch.join("state.db");
+    settings.file.dir = scratch.join("out");
     match &args.sink {
         Some(SinkArg::Null) => settings.sink.backend = SinkBackend::Null,
+        Some(SinkArg::File) => settings.sink.backend = SinkBackend::File,
         Some(SinkArg::Url(url)) => {
             settings.sink.backend = SinkBackend::Elasticsearch;
             settings.elasticsearch.url = url.clone();
@@ -439,10 +467,15 @@ async fn over_http(url: &str, settings: &Settings, args: &BenchArgs, label: Opti
     // A fresh id prefix per run: the server may still hold partials of an earlier run.
     let spec = load_spec(settings, args, format!("bench-{:08x}-", rand::random::<u32>()));
     let vector_bytes: u64 = spec.sequence().iter().map(|s| spec.parts[s.slot as usize].dims as u64 * 4).sum();
-    let batches = spec.json_batches();
+    let batches = match args.format {
+        BodyFormat::Json => spec.json_batches(),
+        BodyFormat::Msgpack => spec.msgpack_batches(),
+    };
     let parts: u64 = batches.iter().map(|(_, n)| *n as u64).sum();
     let progress = Progress::new(args, parts, label);
-    let outcome = http::run(url, batches, args.concurrency as usize, args.entities as usize, &progress).await;
+    let outcome =
+        http::run(url, batches, args.format.content_type(), args.concurrency as usize, args.entities as usize, &progress)
+            .await;
     progress.finish();
     let mut run = outcome?;
     run.counts.vector_bytes = vector_bytes;
@@ -582,7 +615,6 @@ mod tests {
     fn bad_options_are_refused_by_name() {
         for bad in [
             &["--duplicates", "1.5"][..],
-            &["--sink", "file"],
             &["--sink", "somewhere"],
             &["--sweep", "colour=red"],
             &["--sweep", "shards=0"],
@@ -592,6 +624,13 @@ mod tests {
         ] {
             assert!(parse(bad).is_err(), "{bad:?} was accepted");
         }
+    }
+
+    #[test]
+    fn the_sink_takes_null_file_or_a_url() {
+        assert!(matches!(parse(&["--sink", "file"]).unwrap().sink, Some(SinkArg::File)));
+        assert!(matches!(parse(&["--sink", "null"]).unwrap().sink, Some(SinkArg::Null)));
+        assert!(matches!(parse(&["--sink", "http://es:9200"]).unwrap().sink, Some(SinkArg::Url(_))));
     }
 
     #[test]

@@ -6,9 +6,9 @@ use actix_web::{HttpResponse, ResponseError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
-    #[error("the body is not valid JSON for this endpoint: {0}")]
+    #[error("the body cannot be read as this endpoint's request: {0}")]
     MalformedJson(String),
-    #[error("expected Content-Type: application/json, got {0:?}")]
+    #[error("expected Content-Type: application/json or application/msgpack, got {0:?}")]
     UnsupportedContentType(String),
     #[error("the body is {size} bytes; at most {limit} are accepted")]
     BodyTooLarge { size: usize, limit: usize },
@@ -24,6 +24,13 @@ pub enum ApiError {
     Overloaded(&'static str),
     #[error("the parts were taken but not stored durably within {0:?}; retry the request")]
     NotDurableInTime(std::time::Duration),
+    /// No `Authorization: Bearer` header (`missing`), or not the configured token.
+    #[error("{}", if *missing { "this endpoint needs `Authorization: Bearer <token>`" } else { "wrong bearer token" })]
+    Unauthorized { missing: bool },
+    #[error("{0}")]
+    NotFound(String),
+    #[error("the state store did not answer ({0}); retry later")]
+    StateUnavailable(String),
 }
 
 impl ApiError {
@@ -38,6 +45,9 @@ impl ApiError {
             ApiError::ShuttingDown => "shutting_down",
             ApiError::Overloaded(_) => "overloaded",
             ApiError::NotDurableInTime(_) => "not_durable_in_time",
+            ApiError::Unauthorized { .. } => "unauthorized",
+            ApiError::NotFound(_) => "not_found",
+            ApiError::StateUnavailable(_) => "state_unavailable",
         }
     }
 }
@@ -55,6 +65,9 @@ impl ResponseError for ApiError {
             ApiError::ShuttingDown | ApiError::Overloaded(_) | ApiError::NotDurableInTime(_) => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
+            ApiError::StateUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Unauthorized { .. } => StatusCode::UNAUTHORIZED,
+            ApiError::NotFound(_) => StatusCode::NOT_FOUND,
         }
     }
 
@@ -62,6 +75,15 @@ impl ResponseError for ApiError {
         let mut response = HttpResponse::build(self.status_code());
         if self.status_code() == StatusCode::SERVICE_UNAVAILABLE {
             response.insert_header(("Retry-After", "1"));
+        }
+        if let ApiError::Unauthorized { missing } = self {
+            // RFC 6750: a request without credentials gets no error code.
+            let challenge = if *missing {
+                r#"Bearer realm="embedjoin""#
+            } else {
+                r#"Bearer realm="embedjoin", error="invalid_token""#
+            };
+            response.insert_header(("WWW-Authenticate", challenge));
         }
         response
             .json(serde_json::json!({"error": {"code": self.code(), "message": self.to_string()}}))

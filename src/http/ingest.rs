@@ -12,7 +12,7 @@ use crate::config::AckMode;
 use crate::metrics::ReasonLabels;
 use crate::model::{AckGroup, Part};
 use crate::shard::SubmitError;
-use crate::model::ingest::{parse_batch, Rejection};
+use crate::model::ingest::{parse_batch, parse_batch_msgpack, Rejection};
 
 /// The answer to an ingest request.
 #[derive(Debug, Serialize)]
@@ -28,15 +28,18 @@ pub async fn aggregate(
     req: HttpRequest,
     payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
-    check_content_type(&req)?;
+    let format = body_format(&req)?;
     let body = read_body(
         payload,
         req.headers().get("content-length"),
         state.max_body_bytes,
     )
     .await?;
-    let (parts, rejected) = parse_batch(&body, &state.schema, state.limits)
-        .map_err(|e| ApiError::MalformedJson(e.to_string()))?;
+    let parsed = match format {
+        BodyFormat::Json => parse_batch(&body, &state.schema, state.limits).map_err(|e| e.to_string()),
+        BodyFormat::MessagePack => parse_batch_msgpack(&body, &state.schema, state.limits).map_err(|e| e.to_string()),
+    };
+    let (parts, rejected) = parsed.map_err(ApiError::MalformedJson)?;
     drop(body);
     let count = parts.len() + rejected.len();
     if count == 0 {
@@ -98,16 +101,23 @@ async fn submit(state: &AppState, mut parts: Vec<Part>) -> Result<(), ApiError> 
     Ok(())
 }
 
-fn check_content_type(req: &HttpRequest) -> Result<(), ApiError> {
+/// The body formats ingress reads, negotiated by `Content-Type`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum BodyFormat {
+    Json,
+    MessagePack,
+}
+
+fn body_format(req: &HttpRequest) -> Result<BodyFormat, ApiError> {
     let Some(value) = req.headers().get(CONTENT_TYPE) else {
-        return Ok(()); // like the seed service, a missing type is read as JSON
+        return Ok(BodyFormat::Json); // like the seed service, a missing type is read as JSON
     };
     let text = value.to_str().unwrap_or("");
-    let essence = text.split(';').next().unwrap_or("").trim();
-    if essence.eq_ignore_ascii_case("application/json") {
-        Ok(())
-    } else {
-        Err(ApiError::UnsupportedContentType(text.to_owned()))
+    let essence = text.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+    match essence.as_str() {
+        "application/json" => Ok(BodyFormat::Json),
+        "application/msgpack" | "application/x-msgpack" | "application/vnd.msgpack" => Ok(BodyFormat::MessagePack),
+        _ => Err(ApiError::UnsupportedContentType(text.to_owned())),
     }
 }
 

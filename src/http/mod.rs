@@ -1,14 +1,23 @@
 //! HTTP ingress (actix-web): routes, shared state, and the server.
+//!
+//! Routes: `POST /aggregate/` and `/aggregate` ([`ingest`]), `GET /documents/{id}`
+//! ([`documents`]), `GET /health` and `/ready` ([`health`]), `GET /metrics`, and
+//! `GET /openapi.json` ([`openapi`], which describes them all: keep it in step). The data
+//! endpoints need the bearer token when one is configured ([`auth`]).
 
+pub mod auth;
+pub mod documents;
 pub mod error;
 pub mod health;
 pub mod ingest;
+pub mod openapi;
 
 use std::net::TcpListener;
 use std::sync::Arc;
 
 use actix_web::dev::Server;
-use actix_web::{web, App, HttpResponse, HttpServer};
+use actix_web::middleware::from_fn;
+use actix_web::{web, App, HttpRequest, HttpResponse, HttpServer};
 
 use crate::config::Settings;
 use crate::metrics::Metrics;
@@ -48,11 +57,33 @@ pub fn server(
     settings: &Settings,
 ) -> std::io::Result<Server> {
     let state = web::Data::new(state);
+    let token = auth::BearerToken(settings.http.auth_token.clone());
+    let openapi = web::Data::new(openapi::OpenApi::new(settings));
     let mut server = HttpServer::new(move || {
         App::new()
             .app_data(state.clone())
-            .route("/aggregate", web::post().to(ingest::aggregate))
-            .route("/aggregate/", web::post().to(ingest::aggregate))
+            .app_data(token.clone())
+            .app_data(openapi.clone())
+            // A path that does not decode (`%FF`) names nothing: the JSON 404, not a text one.
+            .app_data(web::PathConfig::default().error_handler(|e, _| {
+                error::ApiError::NotFound(format!("bad path: {e}")).into()
+            }))
+            .service(
+                web::resource("/aggregate")
+                    .wrap(from_fn(auth::require_token))
+                    .route(web::post().to(ingest::aggregate)),
+            )
+            .service(
+                web::resource("/aggregate/")
+                    .wrap(from_fn(auth::require_token))
+                    .route(web::post().to(ingest::aggregate)),
+            )
+            .service(
+                web::resource("/documents/{id}")
+                    .wrap(from_fn(auth::require_token))
+                    .route(web::get().to(documents::get)),
+            )
+            .route("/openapi.json", web::get().to(openapi::serve))
             .route("/health", web::get().to(health::health))
             .route("/ready", web::get().to(health::ready))
             .route("/metrics", web::get().to(metrics))
@@ -73,7 +104,16 @@ async fn metrics(state: web::Data<AppState>) -> HttpResponse {
         .body(state.metrics.render())
 }
 
-async fn not_found() -> HttpResponse {
+/// Answers what no route takes: a known path asked with another method gets 405 with
+/// `Allow` (`/aggregate*` takes POST, every other path GET), anything else 404.
+async fn not_found(req: HttpRequest) -> HttpResponse {
+    if let Some(pattern) = req.resource_map().match_pattern(req.path()) {
+        let allow = if pattern.starts_with("/aggregate") { "POST" } else { "GET" };
+        let message = format!("{pattern} answers {allow}, not {}", req.method());
+        return HttpResponse::MethodNotAllowed()
+            .insert_header(("Allow", allow))
+            .json(serde_json::json!({"error": {"code": "method_not_allowed", "message": message}}));
+    }
     HttpResponse::NotFound()
         .json(serde_json::json!({"error": {"code": "not_found", "message": "no such endpoint"}}))
 }

@@ -1,10 +1,12 @@
 //! A single-pass decoder for the ingest body, `{"embeddings":[{"id","embedding_type",
 //! "embedding","metadata"?}, ...]}`, that gives the same [`RawItem`]s as the serde path
-//! ([`super::parse_batch_serde`]) at several times its speed.
+//! ([`super::parse_batch_serde`]) at about twice its speed.
 //!
 //! Why it exists: with serde_json, turning decimal text into floats is most of the cost
 //! of an ingest request. Here vector elements go straight from the body into a `Vec<f32>`
-//! through `fast-float2`, with no `Value` and no allocation per number.
+//! with no `Value` and no allocation per number: digits are read eight at a time, and the
+//! value is one `f64` multiplication whenever that provably gives the correctly rounded
+//! result (see `f32_from_parts`); any other number goes through `fast-float2`.
 //!
 //! What it accepts and rejects is serde_json's, case by case, so that a body gets the
 //! same answer whichever path reads it:
@@ -30,12 +32,13 @@
 //!   such a number fails the request here too, as it does in serde_json.
 //!
 //! Rounding: elements are rounded once to the nearest `f64` and then to `f32` (`as f32`),
-//! which is what the serde path does. Parsing straight to `f32` would round once and be
-//! marginally more accurate, but would differ from the serde path on the rare decimals
-//! within half an `f64` ulp of a point halfway between two `f32`s. (serde_json rounds
-//! correctly to `f64` only with its `float_roundtrip` feature; without it, it can be an
-//! `f64` ulp off, so the serde path then disagrees with this one now and then on such
-//! near-halfway inputs; this decoder is the correctly rounded one.)
+//! which is what the serde path does. Parsing straight to `f32` (fast-float2 can, and
+//! rounds correctly) would round once and be marginally more accurate, but would differ
+//! from the serde path on the rare decimals within half an `f64` ulp of a point halfway
+//! between two `f32`s. (serde_json rounds correctly to `f64` only with its
+//! `float_roundtrip` feature, which the tests turn on; without it, it can be an `f64` ulp
+//! off, so on such near-halfway inputs the serde path then differs from this decoder,
+//! which is the correctly rounded one.)
 
 use std::borrow::Cow;
 use std::fmt;
@@ -48,8 +51,8 @@ use crate::model::{Metadata, Schema};
 /// container it accepts inside metadata is 124 levels down, counting metadata as 1.
 const METADATA_MAX_DEPTH: usize = 124;
 
-/// Past this many bytes, a number's exponent may saturate inside `fast-float2`, so such
-/// (absurd) numbers are left to serde_json, which tracks the exponent exactly.
+/// Past this many bytes, a number's exponent may saturate (in `fast-float2` and in our
+/// scan), so such absurd numbers are left to serde_json, which tracks it exactly.
 const LONG_NUMBER: usize = 4096;
 
 /// A vector never gets more capacity up front than this, whatever the config says.
@@ -161,13 +164,8 @@ impl<'a> Scanner<'a> {
     /// Skips JSON whitespace and returns the next byte.
     #[inline]
     fn peek_ws(&mut self) -> Option<u8> {
-        while let Some(&b) = self.buf.get(self.pos) {
-            if !matches!(b, b' ' | b'\n' | b'\t' | b'\r') {
-                return Some(b);
-            }
-            self.pos += 1;
-        }
-        None
+        self.pos = skip_ws(self.buf, self.pos);
+        self.peek()
     }
 
     /// Consumes `word` (a literal such as `true`) at the current position.
@@ -398,14 +396,15 @@ impl<'a> Scanner<'a> {
         Ok(Err(format!("`embedding` must be an array of numbers, got {what}")))
     }
 
-    /// The hot loop. A wrong-typed element does not stop the scan (the rest must still be
-    /// valid JSON); the first one is reported.
+    /// The elements go through [`Scanner::numbers_into`] while they are plain numbers,
+    /// and one by one through [`Scanner::element`] otherwise. A wrong-typed element does
+    /// not stop the scan (the rest must still be valid JSON); the first one is reported.
     fn vector(&mut self, capacity: usize) -> Result<std::result::Result<Vec<f32>, String>> {
         self.pos += 1;
         let mut out = Vec::with_capacity(capacity);
         let mut bad: Option<(usize, &'static str)> = None;
         let mut more = self.first_element()?;
-        while more {
+        while more && !self.numbers_into(&mut out)? {
             match self.element()? {
                 Ok(x) => out.push(x),
                 Err(what) => {
@@ -421,18 +420,49 @@ impl<'a> Scanner<'a> {
         })
     }
 
-    /// One vector element (after whitespace): a number, a Python non-finite token, or
-    /// whatever else, described.
+    /// The hot loop, from the start of an element: numbers and their separators, with
+    /// the position kept in a register. `true` once it has consumed the closing `]`;
+    /// `false` at an element that is not a plain number, left to [`Scanner::element`].
     #[inline]
+    fn numbers_into(&mut self, out: &mut Vec<f32>) -> Result<bool> {
+        let buf = self.buf;
+        let mut i = self.pos;
+        loop {
+            i = skip_ws(buf, i);
+            let (x, end) = match common_number(buf, i) {
+                Some(found) => found,
+                None if starts_number(buf, i) => {
+                    let decimal = scan_decimal(buf, i).map_err(|at| self.error_at(at, "a digit"))?;
+                    (decimal.to_f32(buf, i), decimal.end)
+                }
+                None => {
+                    self.pos = i;
+                    return Ok(false);
+                }
+            };
+            out.push(x);
+            i = skip_ws(buf, end);
+            match buf.get(i) {
+                Some(b',') => i += 1,
+                Some(b']') => {
+                    self.pos = i + 1;
+                    return Ok(true);
+                }
+                _ => return Err(self.error_at(i, "`,` or `]`")),
+            }
+        }
+    }
+
+    /// One vector element (after whitespace) that is not a number (those are all taken
+    /// by [`Scanner::numbers_into`]): a Python non-finite token, or whatever else,
+    /// described.
     fn element(&mut self) -> Result<std::result::Result<f32, &'static str>> {
         match self.peek() {
-            Some(b'0'..=b'9') => Ok(Ok(self.number()? as f32)),
             Some(b'-') if self.buf.get(self.pos + 1) == Some(&b'I') => {
                 self.pos += 1;
                 self.literal(b"Infinity")?;
                 Ok(Ok(f32::NEG_INFINITY))
             }
-            Some(b'-') => Ok(Ok(self.number()? as f32)),
             Some(b'I') => self.literal(b"Infinity").map(|()| Ok(f32::INFINITY)),
             Some(b'N') => self.literal(b"NaN").map(|()| Ok(f32::NAN)),
             _ => Ok(Err(self.wrong_type()?)),
@@ -483,19 +513,12 @@ impl<'a> Scanner<'a> {
 
     // ---- numbers ------------------------------------------------------------------------
 
-    /// A JSON number at the current position, rounded once to the nearest `f64`;
+    /// The JSON number at the current position, rounded once to the nearest `f64`;
     /// infinite when its magnitude is too large.
-    #[inline]
     fn number(&mut self) -> Result<f64> {
         let start = self.pos;
-        let end = scan_number(self.buf, start).map_err(|at| self.error_at(at, "a digit"))?;
-        self.pos = end;
-        let text = &self.buf[start..end];
-        if text.len() > LONG_NUMBER {
-            return Ok(long_number(text));
-        }
-        // The grammar was checked above, and every JSON number is one fast-float2 takes.
-        fast_float2::parse(text).map_err(|_| self.error_at(start, "a number"))
+        self.pos = scan_number(self.buf, start).map_err(|at| self.error_at(at, "a digit"))?;
+        Ok(parse_f64(&self.buf[start..self.pos]))
     }
 
     /// A number outside a vector: like serde_json, too large a magnitude fails the body.
@@ -728,6 +751,14 @@ impl<'a> Scanner<'a> {
     }
 }
 
+#[inline(always)]
+fn skip_ws(buf: &[u8], mut i: usize) -> usize {
+    while let Some(b' ' | b'\n' | b'\t' | b'\r') = buf.get(i) {
+        i += 1;
+    }
+    i
+}
+
 /// Length of the run of plain string bytes: up to a quote, a backslash or a control
 /// character.
 #[inline]
@@ -735,15 +766,188 @@ fn string_run(bytes: &[u8]) -> usize {
     bytes.iter().position(|&b| b == b'"' || b == b'\\' || b < 0x20).unwrap_or(bytes.len())
 }
 
-/// Checks the JSON number grammar from `start`; returns the end of the number, or the
-/// offset of the offending byte. Stricter than fast-float2, which takes `+1`, `.5`, `1.`
-/// and `01`.
-#[inline]
-fn scan_number(buf: &[u8], start: usize) -> std::result::Result<usize, usize> {
-    let mut i = start;
-    if buf.get(i) == Some(&b'-') {
-        i += 1;
+/// A JSON number as read by [`scan_decimal`]: `±mantissa × 10^exponent`, exact when it
+/// has at most 19 significant digits.
+struct Decimal {
+    end: usize,
+    negative: bool,
+    mantissa: u64,
+    exponent: i64,
+    /// Significant digits: leading zeros do not count, trailing ones do.
+    digits: usize,
+}
+
+/// Exact powers of ten as `f64`s (5^22 < 2^53).
+const POW10: [f64; 23] = [
+    1e0, 1e1, 1e2, 1e3, 1e4, 1e5, 1e6, 1e7, 1e8, 1e9, 1e10, 1e11, 1e12, 1e13, 1e14, 1e15, 1e16, 1e17, 1e18, 1e19, 1e20,
+    1e21, 1e22,
+];
+
+/// Negative powers of ten, each the nearest `f64` (none is exact but 1).
+const NEG_POW10: [f64; 45] = [
+    1e-0, 1e-1, 1e-2, 1e-3, 1e-4, 1e-5, 1e-6, 1e-7, 1e-8, 1e-9, 1e-10, 1e-11, 1e-12, 1e-13, 1e-14, 1e-15, 1e-16, 1e-17,
+    1e-18, 1e-19, 1e-20, 1e-21, 1e-22, 1e-23, 1e-24, 1e-25, 1e-26, 1e-27, 1e-28, 1e-29, 1e-30, 1e-31, 1e-32, 1e-33,
+    1e-34, 1e-35, 1e-36, 1e-37, 1e-38, 1e-39, 1e-40, 1e-41, 1e-42, 1e-43, 1e-44,
+];
+
+impl Decimal {
+    /// The number, which starts at `start` in `buf`, rounded to the nearest `f64` and
+    /// then to `f32`, like the serde path (see the module doc).
+    #[inline(always)]
+    fn to_f32(&self, buf: &[u8], start: usize) -> f32 {
+        // A long number may have saturated its exponent in the scan.
+        if self.end - start <= LONG_NUMBER {
+            if let Some(x) = self.quick_f32() {
+                return x;
+            }
+        }
+        slow_f32(&buf[start..self.end])
     }
+
+    /// The number as `(nearest f64) as f32` when [`f32_from_parts`] can be sure of it.
+    #[inline(always)]
+    fn quick_f32(&self) -> Option<f32> {
+        if self.digits > 19 {
+            return None; // the mantissa wrapped
+        }
+        f32_from_parts(self.negative, self.mantissa, self.exponent)
+    }
+}
+
+/// `±mantissa × 10^exponent` as `(nearest f64) as f32`, without a full parse, when that
+/// is cheap and certain; `None` sends the number to fast-float2.
+///
+/// Why the result is the same: `mantissa × 10^exponent` computed as one product of the
+/// mantissa and a power of ten, each rounded to `f64`, has three roundings, so it is
+/// within 4 `f64` ulps of the nearest `f64`. The two round to the same `f32` unless a
+/// point halfway between two `f32`s lies between them, so the product is used only when
+/// it is more than 64 ulps from any such point (and a normal `f32`). Near such a point,
+/// with at most 53 bits of mantissa and |exponent| <= 22, one division or multiplication
+/// of exact operands *is* the nearest `f64` (Clinger's fast path). (The product, not the
+/// division, is the common case: a division costs several times as much.)
+#[inline(always)]
+fn f32_from_parts(negative: bool, mantissa: u64, exponent: i64) -> Option<f32> {
+    // Through `i64` when it fits: one instruction instead of several.
+    let m = if mantissa <= i64::MAX as u64 { mantissa as i64 as f64 } else { mantissa as f64 };
+    let approx = match exponent {
+        _ if mantissa == 0 => 0.0,
+        e @ 0..=22 => m * POW10[e as usize],
+        e @ -44..=-1 => m * NEG_POW10[-e as usize],
+        _ => return None,
+    };
+    let x = if mantissa == 0 || clear_of_f32_midpoints(approx) {
+        approx
+    } else if mantissa <= 1 << 53 && (-22..=22).contains(&exponent) {
+        scale(m, exponent)
+    } else {
+        return None;
+    };
+    let sign = u32::from(negative) << 31;
+    Some(f32::from_bits((x as f32).to_bits() | sign))
+}
+
+/// Bytes [`common_number`] reads at once: room for any number it takes, and 8 more.
+const WINDOW: usize = 48;
+
+/// The common shape of an element, `-?int(.frac)?(e[+-]?exp)?` with at most 7 integer
+/// digits, 23 fraction digits and 4 exponent digits, read from a fixed window with few
+/// checks. `None` for anything else, every error included, and near the end of the body:
+/// [`scan_decimal`] then reads it (and so is the one to say what is wrong).
+#[inline(always)]
+fn common_number(buf: &[u8], start: usize) -> Option<(f32, usize)> {
+    let w: &[u8; WINDOW] = buf.get(start..start + WINDOW)?.try_into().ok()?;
+    let negative = w[0] == b'-';
+    let mut k = usize::from(negative);
+    let (mut mantissa, n) = match (w[k].wrapping_sub(b'0'), w[k + 1].is_ascii_digit()) {
+        // Embeddings are mostly within (-10, 10): one integer digit.
+        (digit @ 0..=9, false) => (u64::from(digit), 1),
+        _ => digit_run(w, k)?,
+    };
+    // No digit, `0` followed by digits, or too many digits.
+    if n == 0 || n == 8 || (w[k] == b'0' && n > 1) {
+        return None;
+    }
+    k += n;
+    let mut exponent = 0i64;
+    if w[k] == b'.' {
+        k += 1;
+        let fraction = k;
+        loop {
+            let (value, n) = digit_run16(w, k)?;
+            mantissa = mantissa.checked_mul(*POW10_U64.get(n)?)?.checked_add(value)?;
+            k += n;
+            if n < 16 || k - fraction > 16 {
+                break;
+            }
+        }
+        // No fraction digit, or more than fit the window.
+        if k == fraction || k - fraction > 23 {
+            return None;
+        }
+        exponent = -((k - fraction) as i64);
+    }
+    if w[k] | 0x20 == b'e' {
+        k += 1;
+        let minus = w[k] == b'-';
+        k += usize::from(minus || w[k] == b'+');
+        let (value, n) = digit_run(w, k)?;
+        if n == 0 || n > 4 {
+            return None;
+        }
+        k += n;
+        exponent += if minus { -(value as i64) } else { value as i64 };
+    }
+    Some((f32_from_parts(negative, mantissa, exponent)?, start + k))
+}
+
+/// Whether the element at `i` is a number (and not `-Infinity`).
+#[inline(always)]
+fn starts_number(buf: &[u8], i: usize) -> bool {
+    match buf.get(i) {
+        Some(b'0'..=b'9') => true,
+        Some(b'-') => buf.get(i + 1) != Some(&b'I'),
+        _ => false,
+    }
+}
+
+#[cold]
+#[inline(never)]
+fn slow_f32(text: &[u8]) -> f32 {
+    parse_f64(text) as f32
+}
+
+/// Clinger's fast path: exact when `m` is exact and |exponent| <= 22.
+fn scale(m: f64, exponent: i64) -> f64 {
+    if exponent < 0 {
+        m / POW10[-exponent as usize]
+    } else {
+        m * POW10[exponent as usize]
+    }
+}
+
+/// Whether `a` is a normal `f32` magnitude more than 64 `f64` ulps from a point halfway
+/// between two `f32`s. Such points have the 29 bits an `f32` drops equal to `1 << 28`.
+#[inline]
+fn clear_of_f32_midpoints(a: f64) -> bool {
+    // For a non-negative `a`, its bits order like its value.
+    const LOW: u64 = f64::to_bits(f32::MIN_POSITIVE as f64);
+    const HIGH: u64 = f64::to_bits(f32::MAX as f64);
+    let bits = a.to_bits();
+    let normal = bits.wrapping_sub(LOW) < HIGH - LOW;
+    let dropped = bits & ((1 << 29) - 1);
+    normal && dropped.abs_diff(1 << 28) > 64
+}
+
+/// Checks the JSON number grammar from `start` and reads its digits on the way; `Err`
+/// has the offset of the offending byte. Stricter than fast-float2, which takes `+1`,
+/// `.5`, `1.` and `01`.
+#[inline(always)]
+fn scan_decimal(buf: &[u8], start: usize) -> std::result::Result<Decimal, usize> {
+    let mut i = start;
+    let negative = buf.get(i) == Some(&b'-');
+    i += usize::from(negative);
+    let mut mantissa = 0u64;
+    let mut digits = 0;
     match buf.get(i) {
         Some(b'0') => {
             i += 1;
@@ -751,36 +955,151 @@ fn scan_number(buf: &[u8], start: usize) -> std::result::Result<usize, usize> {
                 return Err(i);
             }
         }
-        Some(b'1'..=b'9') => i = digits(buf, i + 1),
+        Some(b'1'..=b'9') => (i, digits) = accumulate(buf, i, &mut mantissa),
         _ => return Err(i),
     }
+    let mut exponent = 0i64;
     if buf.get(i) == Some(&b'.') {
-        let end = digits(buf, i + 1);
-        if end == i + 1 {
+        let fraction = i + 1;
+        i = fraction;
+        if mantissa == 0 {
+            while buf.get(i) == Some(&b'0') {
+                i += 1;
+            }
+        }
+        let (end, more) = accumulate(buf, i, &mut mantissa);
+        if end == fraction {
             return Err(end);
         }
-        i = end;
+        (i, digits) = (end, digits + more);
+        exponent = -((end - fraction) as i64);
     }
     if matches!(buf.get(i), Some(b'e' | b'E')) {
         i += 1;
-        if matches!(buf.get(i), Some(b'+' | b'-')) {
+        let minus = buf.get(i) == Some(&b'-');
+        i += usize::from(matches!(buf.get(i), Some(b'+' | b'-')));
+        let mut explicit = 0i64;
+        let digits_at = i;
+        while let Some(&d @ b'0'..=b'9') = buf.get(i) {
+            // Saturates: past 10^7 the value is 0 or infinite whatever the mantissa says.
+            explicit = (explicit * 10 + i64::from(d - b'0')).min(10_000_000);
             i += 1;
         }
-        let end = digits(buf, i);
-        if end == i {
-            return Err(end);
+        if i == digits_at {
+            return Err(i);
         }
-        i = end;
+        exponent += if minus { -explicit } else { explicit };
     }
-    Ok(i)
+    Ok(Decimal { end: i, negative, mantissa, exponent, digits })
 }
 
-#[inline]
-fn digits(buf: &[u8], mut i: usize) -> usize {
-    while matches!(buf.get(i), Some(b'0'..=b'9')) {
+/// Reads digits from `i` into `mantissa` (wrapping past 19); returns the end and count.
+/// Up to eight at a time (embeddings are printed with 7 to 17 digits), one at a time in
+/// the last bytes of the body.
+#[inline(always)]
+fn accumulate(buf: &[u8], mut i: usize, mantissa: &mut u64) -> (usize, usize) {
+    let start = i;
+    while let Some((value, n)) = digit_run(buf, i) {
+        *mantissa = mantissa.wrapping_mul(POW10_U64[n]).wrapping_add(value);
+        i += n;
+        if n < 8 {
+            return (i, i - start);
+        }
+    }
+    while let Some(&d @ b'0'..=b'9') = buf.get(i) {
+        *mantissa = mantissa.wrapping_mul(10).wrapping_add(u64::from(d - b'0'));
         i += 1;
     }
-    i
+    (i, i - start)
+}
+
+const POW10_U64: [u64; 17] = [
+    1,
+    10,
+    100,
+    1_000,
+    10_000,
+    100_000,
+    1_000_000,
+    10_000_000,
+    100_000_000,
+    1_000_000_000,
+    10_000_000_000,
+    100_000_000_000,
+    1_000_000_000_000,
+    10_000_000_000_000,
+    100_000_000_000_000,
+    1_000_000_000_000_000,
+    10_000_000_000_000_000,
+];
+
+/// The run of ASCII digits (at most eight) at the start of the eight bytes at `i`: its
+/// value and length. SWAR, as in fast-float, with the first non-digit found by mask.
+#[inline(always)]
+fn digit_run(buf: &[u8], i: usize) -> Option<(u64, usize)> {
+    let v = load8(buf, i)?;
+    let n = digits_in(v);
+    Some((digits_value(v, n), n))
+}
+
+/// Like [`digit_run`], up to sixteen digits: most fractions in embeddings fit.
+#[inline(always)]
+fn digit_run16(buf: &[u8], i: usize) -> Option<(u64, usize)> {
+    let low = load8(buf, i)?;
+    let n = digits_in(low);
+    if n < 8 {
+        return Some((digits_value(low, n), n));
+    }
+    let high = load8(buf, i + 8)?;
+    let m = digits_in(high);
+    Some((digits_value(low, 8) * POW10_U64[m] + digits_value(high, m), 8 + m))
+}
+
+#[inline(always)]
+fn load8(buf: &[u8], i: usize) -> Option<u64> {
+    Some(u64::from_le_bytes(buf.get(i..i + 8)?.try_into().ok()?))
+}
+
+/// How many of the eight bytes in `v`, from the first in the text (the lowest), are
+/// ASCII digits before the first one that is not.
+#[inline(always)]
+fn digits_in(v: u64) -> usize {
+    // A digit byte has high nibble 3 and stays so when 6 is added. Carries from adding
+    // only start at bytes >= 0xFA, non-digits, so the bytes before the first non-digit
+    // are judged correctly.
+    const HIGH: u64 = 0xF0F0_F0F0_F0F0_F0F0;
+    const THREES: u64 = 0x3030_3030_3030_3030;
+    let not_digit = ((v & HIGH) ^ THREES) | ((v.wrapping_add(0x0606_0606_0606_0606) & HIGH) ^ THREES);
+    (not_digit.trailing_zeros() / 8) as usize
+}
+
+/// The value of the first `n` bytes of `v`, which are digits.
+#[inline(always)]
+fn digits_value(v: u64, n: usize) -> u64 {
+    if n == 0 {
+        return 0;
+    }
+    // Digits to values (borrows only start at non-digits, past the run), then the run
+    // moved to the high end, after zeros that act as leading zeros.
+    let v = v.wrapping_sub(0x3030_3030_3030_3030) << (8 * (8 - n));
+    let v = v * 10 + (v >> 8); // pairs of digits, in every other byte
+    let low = (v & 0x0000_00FF_0000_00FF).wrapping_mul(0x000F_4240_0000_0064);
+    let high = ((v >> 16) & 0x0000_00FF_0000_00FF).wrapping_mul(0x0000_2710_0000_0001);
+    u64::from((low.wrapping_add(high) >> 32) as u32)
+}
+
+/// The grammar check alone, for numbers that are skipped or not in a vector.
+fn scan_number(buf: &[u8], start: usize) -> std::result::Result<usize, usize> {
+    scan_decimal(buf, start).map(|d| d.end)
+}
+
+/// A checked JSON number rounded once to the nearest `f64` (infinite past `f64::MAX`).
+fn parse_f64(text: &[u8]) -> f64 {
+    if text.len() > LONG_NUMBER {
+        return long_number(text);
+    }
+    // Every JSON number is one fast-float2 takes; it cannot fail here.
+    fast_float2::parse(text).unwrap_or(f64::NAN)
 }
 
 /// A number too long for fast-float2's saturating exponent: serde_json parses it (its
@@ -866,8 +1185,23 @@ mod tests {
     /// surrogate pairs); escaped control characters (which make a bad id) are rarer.
     fn string(rng: &mut StdRng, max_pieces: usize) -> String {
         const PIECES: &[&str] = &[
-            "a", "sku", "-", "7", " ", "é", "日本", "😀", "\\\"", "\\\\", "\\/", "\\u00e9", "\\u00E9", "\\u20ac",
-            "\\ud83d\\ude00", "\\uD834\\uDD1E", "\\u0041",
+            "a",
+            "sku",
+            "-",
+            "7",
+            " ",
+            "é",
+            "日本",
+            "😀",
+            "\\\"",
+            "\\\\",
+            "\\/",
+            "\\u00e9",
+            "\\u00E9",
+            "\\u20ac",
+            "\\ud83d\\ude00",
+            "\\uD834\\uDD1E",
+            "\\u0041",
         ];
         const CONTROL: &[&str] = &["\\b", "\\f", "\\n", "\\r", "\\t", "\\u0000", "\\u001f"];
         let n = rng.random_range(0..=max_pieces);
@@ -1064,7 +1398,8 @@ mod tests {
         let mut rng = StdRng::seed_from_u64(7);
         for _ in 0..20_000 {
             let text = number(&mut rng);
-            let body = format!("{{\"embeddings\":[{{\"id\":\"a\",\"embedding_type\":\"I\",\"embedding\":[{text}, 0]}}]}}");
+            let body =
+                format!("{{\"embeddings\":[{{\"id\":\"a\",\"embedding_type\":\"I\",\"embedding\":[{text}, 0]}}]}}");
             let bits = |o: Result<Outcome, String>| -> Option<u32> {
                 let o = o.unwrap();
                 o.parts.first().map(|p| p.2[0]).or_else(|| o.rejected.first().map(|_| 0x7f80_0000))
@@ -1073,6 +1408,85 @@ mod tests {
             let want = if f32::from_bits(want).is_finite() { want } else { 0x7f80_0000 };
             assert_eq!(bits(fast(body.as_bytes())), Some(want), "{text}");
             assert_eq!(bits(serde(body.as_bytes())), Some(want), "{text}");
+        }
+    }
+
+    /// The quick path of `Decimal::quick_f32` against fast-float2, where it matters most:
+    /// decimals a few `f64` ulps from a point halfway between two `f32`s, and plain ones
+    /// of every length and exponent it handles.
+    #[test]
+    fn the_quick_f32_path_equals_fast_float_then_as_f32() {
+        let mut rng = StdRng::seed_from_u64(99);
+        let mut texts = Vec::new();
+        for _ in 0..2000 {
+            let x: f32 = rng.random_range(0.5f32..1.0) * 10f32.powi(rng.random_range(-30..30));
+            let mid = (x as f64 + f32::from_bits(x.to_bits() + 1) as f64) / 2.0;
+            for k in [-200i64, -65, -64, -63, -5, -1, 0, 1, 5, 63, 64, 65, 200] {
+                let near = f64::from_bits((mid.to_bits() as i64 + k) as u64);
+                texts.push(format!("{near:e}"));
+                texts.push(format!("{near:?}"));
+            }
+        }
+        for _ in 0..50_000 {
+            let digits = rng.random_range(1..=20);
+            let mantissa: String = (0..digits).map(|_| char::from(b'0' + rng.random_range(0..10u8))).collect();
+            let mantissa = mantissa.trim_start_matches('0');
+            let mantissa = if mantissa.is_empty() { "1" } else { mantissa };
+            texts.push(format!("-{mantissa}e{}", rng.random_range(-70..40)));
+            let point = rng.random_range(0..=mantissa.len());
+            texts.push(format!("0.{}{mantissa}", "0".repeat(rng.random_range(0..25))));
+            texts.push(format!("{}.{}0", &mantissa[..point.max(1)], &mantissa[point.max(1)..]));
+        }
+        let mut quick = 0;
+        for text in &texts {
+            let decimal = super::scan_decimal(text.as_bytes(), 0).unwrap();
+            assert_eq!(decimal.end, text.len(), "{text}");
+            let want = fast_float2::parse::<f64, _>(text).unwrap() as f32;
+            if let Some(got) = decimal.quick_f32() {
+                assert_eq!(got.to_bits(), want.to_bits(), "{text}");
+                quick += 1;
+            }
+        }
+        assert!(quick > texts.len() / 2, "the quick path took only {quick} of {}", texts.len());
+    }
+
+    /// `common_number` must take only valid numbers, end them where the full scan does,
+    /// and round them the same; whatever it declines goes to the full scan anyway.
+    #[test]
+    fn the_common_number_lane_agrees_with_the_full_scan() {
+        let mut rng = StdRng::seed_from_u64(5);
+        let mut texts: Vec<String> = (0..20_000).map(|_| number(&mut rng)).collect();
+        const ALPHABET: &[u8] = b"0000123456789..--+eE";
+        for _ in 0..60_000 {
+            let len = rng.random_range(1..30);
+            texts.push((0..len).map(|_| char::from(ALPHABET[rng.random_range(0..ALPHABET.len())])).collect());
+        }
+        let mut taken = 0;
+        for text in &texts {
+            let tail = [", 1.5]", "]", " ,", "x", "e5", ".5"][rng.random_range(0..6)];
+            let body = format!("{text}{tail}{}", " ".repeat(super::WINDOW));
+            let Some((x, end)) = super::common_number(body.as_bytes(), 0) else { continue };
+            taken += 1;
+            let decimal = super::scan_decimal(body.as_bytes(), 0).unwrap_or_else(|_| panic!("took {body:?}"));
+            assert_eq!(end, decimal.end, "{body:?}");
+            let want = fast_float2::parse::<f64, _>(&body[..end]).unwrap() as f32;
+            assert_eq!(x.to_bits(), want.to_bits(), "{body:?}");
+        }
+        assert!(taken > 20_000, "the lane took only {taken}");
+    }
+
+    #[test]
+    fn digit_runs_stop_at_any_non_digit() {
+        let mut rng = StdRng::seed_from_u64(8);
+        for n in 0..=8 {
+            for stop in (0..=255u8).filter(|b| !b.is_ascii_digit()) {
+                let mut bytes: Vec<u8> = (0..n).map(|_| b'0' + rng.random_range(0..10u8)).collect();
+                bytes.push(stop);
+                bytes.extend((0..8).map(|_| rng.random::<u8>()));
+                let text = std::str::from_utf8(&bytes[..n]).unwrap();
+                let want = if n == 0 { 0 } else { text.parse::<u64>().unwrap() };
+                assert_eq!(super::digit_run(&bytes, 0), Some((want, n)), "{bytes:?}");
+            }
         }
     }
 
@@ -1255,7 +1669,8 @@ mod tests {
             br#"{"embeddings":[{"id":["\ud800"],"embedding_type":"I","embedding":[1,{"k":"\udc00"}]}]}"#.to_vec(),
             // Numbers out of range where serde only skips them.
             br#"{"embeddings":[{"id":"a","embedding_type":"I","embedding":[1,[1e400]],"x":-1e999}]}"#.to_vec(),
-            br#"{"embeddings":[{"id":"a","embedding_type":"I","embedding":[0e999999999999, -1e-99999999999]}]}"#.to_vec(),
+            br#"{"embeddings":[{"id":"a","embedding_type":"I","embedding":[0e999999999999, -1e-99999999999]}]}"#
+                .to_vec(),
         ];
         // Skipped strings are not checked for UTF-8 either.
         let mut raw = br#"{"x":"?","embeddings":[{"id":"a","embedding_type":"I","embedding":[1,2],"y":"?"}]}"#.to_vec();
@@ -1296,7 +1711,8 @@ mod tests {
     #[test]
     fn numbers_too_long_for_fast_float_still_round_correctly() {
         let zeros = "0".repeat(70_000);
-        for text in [format!("0.{zeros}15e70001"), format!("1{zeros}e-70000"), format!("0.{zeros}1"), format!("1{zeros}")]
+        for text in
+            [format!("0.{zeros}15e70001"), format!("1{zeros}e-70000"), format!("0.{zeros}1"), format!("1{zeros}")]
         {
             assert_same(with_vector(&format!("{text}, 1, 2")).as_bytes());
         }
@@ -1308,7 +1724,9 @@ mod tests {
     fn metadata_nests_as_deep_as_serde_allows_and_skipped_values_without_limit() {
         for depth in [123, 124, 125, 126] {
             let nested = "[".repeat(depth - 1) + &"]".repeat(depth - 1);
-            let body = format!(r#"{{"embeddings":[{{"id":"a","embedding_type":"I","embedding":[1,2],"metadata":{{"k":{nested}}}}}]}}"#);
+            let body = format!(
+                r#"{{"embeddings":[{{"id":"a","embedding_type":"I","embedding":[1,2],"metadata":{{"k":{nested}}}}}]}}"#
+            );
             assert_eq!(fast(body.as_bytes()).is_ok(), serde(body.as_bytes()).is_ok(), "depth {depth}");
             assert_eq!(fast(body.as_bytes()).is_ok(), depth <= 124, "depth {depth}");
         }

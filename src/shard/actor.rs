@@ -39,6 +39,9 @@ pub enum ShardMsg {
     Parts(Vec<Part>),
     /// Persist every dirty partial now; answers when done.
     Flush(oneshot::Sender<()>),
+    /// Which parts of an item this shard holds in memory, as a bit mask of schema slots
+    /// (`None`: it holds none). Answered after every message queued before it.
+    Inspect(String, oneshot::Sender<Option<u32>>),
 }
 
 /// The shard has stopped (the service is shutting down).
@@ -69,6 +72,16 @@ impl ShardHandle {
         let (tx, rx) = oneshot::channel();
         self.tx
             .send(ShardMsg::Flush(tx))
+            .await
+            .map_err(|_| ShardClosed)?;
+        rx.await.map_err(|_| ShardClosed)
+    }
+
+    /// The slots of `id` held in memory (see [`ShardMsg::Inspect`]).
+    pub async fn inspect(&self, id: String) -> Result<Option<u32>, ShardClosed> {
+        let (tx, rx) = oneshot::channel();
+        self.tx
+            .send(ShardMsg::Inspect(id, tx))
             .await
             .map_err(|_| ShardClosed)?;
         rx.await.map_err(|_| ShardClosed)
@@ -174,6 +187,9 @@ impl ShardActor {
             ShardMsg::Flush(done) => {
                 self.flush().await;
                 let _ = done.send(());
+            }
+            ShardMsg::Inspect(id, answer) => {
+                let _ = answer.send(self.partials.get(&id).map(Partial::mask));
             }
         }
     }

@@ -85,6 +85,12 @@ impl Router {
         Ok(())
     }
 
+    /// The slots of `id` its shard holds in memory, as a bit mask (`None`: none). It
+    /// answers after the parts already queued for that shard are applied.
+    pub async fn inspect(&self, id: &str) -> Result<Option<u32>, ShardClosed> {
+        self.shards[self.shard_of(id)].inspect(id.to_owned()).await
+    }
+
     /// Asks every shard to persist its dirty partials now, and waits for it.
     pub async fn flush(&self) -> Result<(), ShardClosed> {
         for shard in self.shards.iter() {

@@ -39,11 +39,11 @@ impl EsSink {
             .request_body_compression(settings.compression)
             .disable_proxy();
         if !settings.api_key.is_empty() {
-            transport = transport.auth(Credentials::EncodedApiKey(settings.api_key.clone()));
+            transport = transport.auth(Credentials::EncodedApiKey(settings.api_key.expose().to_owned()));
         } else if !settings.username.is_empty() {
             transport = transport.auth(Credentials::Basic(
                 settings.username.clone(),
-                settings.password.clone(),
+                settings.password.expose().to_owned(),
             ));
         }
         let transport = transport
@@ -66,12 +66,12 @@ impl EsSink {
             .body(vec![body])
             .send()
             .await
-            .map_err(|e| SinkError::Transport(e.to_string()))?;
+            .map_err(|e| SinkError::Transport(with_causes(&e)))?;
         let status = response.status_code();
         let bytes = response
             .bytes()
             .await
-            .map_err(|e| SinkError::Transport(e.to_string()))?;
+            .map_err(|e| SinkError::Transport(with_causes(&e)))?;
         if !status.is_success() {
             return Err(request_error(status, &bytes));
         }
@@ -105,7 +105,7 @@ impl EsSink {
             .exists(IndicesExistsParts::Index(&[&self.index]))
             .send()
             .await
-            .map_err(|e| SinkError::Transport(e.to_string()))?;
+            .map_err(|e| SinkError::Transport(with_causes(&e)))?;
         match exists.status_code() {
             StatusCode::OK => return Ok(()),
             StatusCode::NOT_FOUND => {}
@@ -133,7 +133,7 @@ impl EsSink {
             .body(body)
             .send()
             .await
-            .map_err(|e| SinkError::Transport(e.to_string()))?;
+            .map_err(|e| SinkError::Transport(with_causes(&e)))?;
         let status = response.status_code();
         if status.is_success() {
             return Ok(());
@@ -163,7 +163,7 @@ impl EsSink {
                 Some(self.timeout),
             )
             .await
-            .map_err(|e| SinkError::Transport(e.to_string()))?;
+            .map_err(|e| SinkError::Transport(with_causes(&e)))?;
         let status = response.status_code();
         if status.is_success() {
             Ok(())
@@ -200,6 +200,22 @@ struct ItemError {
     #[serde(rename = "type")]
     kind: String,
     reason: Option<String>,
+}
+
+/// An error with its chain of causes ("error sending request ...: connection refused"):
+/// the client's top-level message alone does not say what went wrong.
+fn with_causes(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
 }
 
 /// Reads an Elasticsearch error body (`{"error":{"type","reason"},"status"}`) as far as it goes.

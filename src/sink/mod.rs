@@ -4,6 +4,7 @@
 
 pub mod elasticsearch;
 pub mod encode;
+pub mod file;
 pub mod retry;
 pub mod writer;
 
@@ -52,6 +53,8 @@ pub enum SinkError {
 #[derive(Clone)]
 pub enum SinkClient {
     Elasticsearch(elasticsearch::EsSink),
+    /// Appends `_bulk` NDJSON to local files, to load into Elasticsearch later.
+    File(file::FileSink),
     /// Acknowledges every item (201) without I/O: benchmarks measure the pipeline alone.
     Null,
 }
@@ -62,6 +65,7 @@ impl SinkClient {
             SinkBackend::Elasticsearch => Ok(SinkClient::Elasticsearch(
                 elasticsearch::EsSink::new(&settings.elasticsearch)?,
             )),
+            SinkBackend::File => Ok(SinkClient::File(file::FileSink::new(&settings.file))),
             SinkBackend::Null => Ok(SinkClient::Null),
         }
     }
@@ -73,6 +77,7 @@ impl SinkClient {
                 es.ensure_index(schema, settings.elasticsearch.similarity.as_str())
                     .await
             }
+            SinkClient::File(file) => file.open().await,
             SinkClient::Elasticsearch(_) | SinkClient::Null => Ok(()),
         }
     }
@@ -81,6 +86,7 @@ impl SinkClient {
     pub async fn bulk(&self, body: Bytes, count: usize) -> Result<Vec<ItemStatus>, SinkError> {
         match self {
             SinkClient::Elasticsearch(es) => es.bulk(body, count).await,
+            SinkClient::File(file) => file.bulk(body, count).await,
             SinkClient::Null => Ok(vec![ItemStatus { status: 201, error: None }; count]),
         }
     }
@@ -88,7 +94,7 @@ impl SinkClient {
     pub async fn ping(&self) -> Result<(), SinkError> {
         match self {
             SinkClient::Elasticsearch(es) => es.ping().await,
-            SinkClient::Null => Ok(()),
+            SinkClient::File(_) | SinkClient::Null => Ok(()),
         }
     }
 }

@@ -24,7 +24,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use super::encode::encode_index_op;
+use super::encode::{encode_index_op, VectorEncoding};
 use super::retry::RetryPolicy;
 use super::{SinkClient, SinkError};
 use crate::config::ElasticsearchSettings;
@@ -58,6 +58,8 @@ struct Delivery {
     policy: RetryPolicy,
     store: StateStore,
     schema: Schema,
+    /// How vectors are written into bodies.
+    vectors: VectorEncoding,
     metrics: Arc<Metrics>,
     give_up: CancellationToken,
 }
@@ -73,14 +75,16 @@ struct EncodedDoc {
     received_at: Instant,
     outbox: Option<String>,
     acks: Vec<Arc<AckGroup>>,
+    /// The document itself, kept while it exists nowhere else (it completed in memory),
+    /// so that shutdown can park it in the store.
+    parked: Option<Document>,
 }
 
-/// The request being filled.
+/// The request being filled: documents, not yet encoded (delivery tasks encode, in
+/// parallel), and an estimate of their encoded size.
 struct Batch {
-    body: BytesMut,
-    docs: Vec<EncodedDoc>,
-    /// Each document's operation within `body`.
-    ops: Vec<Range<usize>>,
+    docs: Vec<Document>,
+    bytes: usize,
     started: Option<Instant>,
 }
 
@@ -112,12 +116,20 @@ impl BulkWriter {
         let (tx, rx) = mpsc::channel(mailbox_capacity);
         let writer = BulkWriter {
             rx,
-            delivery: Arc::new(Delivery { sink, policy: RetryPolicy::new(settings), store, schema, metrics, give_up }),
+            delivery: Arc::new(Delivery {
+                sink,
+                policy: RetryPolicy::new(settings),
+                store,
+                schema,
+                vectors: settings.vector_encoding,
+                metrics,
+                give_up,
+            }),
             max_docs: settings.bulk_max_docs,
             max_bytes: settings.bulk_max_bytes,
             interval: settings.flush_interval,
             max_in_flight: settings.requests_in_flight,
-            batch: Batch { body: BytesMut::new(), docs: Vec::new(), ops: Vec::new(), started: None },
+            batch: Batch { docs: Vec::new(), bytes: 0, started: None },
             pending: VecDeque::new(),
             in_flight: JoinSet::new(),
         };
@@ -125,7 +137,7 @@ impl BulkWriter {
     }
 
     fn batch_is_full(&self) -> bool {
-        self.batch.docs.len() >= self.max_docs || self.batch.body.len() >= self.max_bytes
+        self.batch.docs.len() >= self.max_docs || self.batch.bytes >= self.max_bytes
     }
 
     fn has_room(&self) -> bool {
@@ -173,29 +185,46 @@ impl BulkWriter {
     }
 
     fn push(&mut self, doc: Document) {
-        let start = self.batch.body.len();
-        let source = encode_index_op(&mut self.batch.body, &doc, &self.delivery.schema);
-        self.batch.ops.push(start..self.batch.body.len());
-        self.batch.docs.push(EncodedDoc {
-            id: doc.id,
-            op: Bytes::new(), // a slice of the frozen body, set by `dispatch`
-            source: source.start - start..source.end - start,
-            received_at: doc.received_at,
-            outbox: doc.outbox,
-            acks: doc.acks,
-        });
+        self.batch.bytes += estimated_size(&doc);
+        self.batch.docs.push(doc);
         self.batch.started.get_or_insert_with(Instant::now);
     }
 
     fn dispatch(&mut self) {
-        let body = std::mem::take(&mut self.batch.body).freeze();
-        let mut docs = std::mem::take(&mut self.batch.docs);
-        for (doc, range) in docs.iter_mut().zip(self.batch.ops.drain(..)) {
-            doc.op = body.slice(range);
-        }
+        let docs = std::mem::take(&mut self.batch.docs);
+        self.batch.bytes = 0;
         self.batch.started = None;
-        self.in_flight.spawn(deliver(self.delivery.clone(), body, docs));
+        self.in_flight.spawn(deliver(self.delivery.clone(), docs));
     }
+}
+
+/// About how many bytes a document takes in a bulk body: floats print in up to ~12 bytes.
+fn estimated_size(doc: &Document) -> usize {
+    96 + 2 * doc.id.len() + doc.vectors.iter().map(|v| 12 * v.len()).sum::<usize>()
+}
+
+/// Encodes documents into one bulk body; each keeps a cheap slice of its operation.
+fn encode(schema: &Schema, vectors: VectorEncoding, docs: Vec<Document>) -> (Bytes, Vec<EncodedDoc>) {
+    let mut body = BytesMut::with_capacity(docs.iter().map(estimated_size).sum());
+    let mut spans = Vec::with_capacity(docs.len());
+    for doc in &docs {
+        let start = body.len();
+        let source = encode_index_op(&mut body, doc, schema, vectors);
+        spans.push((start..body.len(), source.start - start..source.end - start));
+    }
+    let body = body.freeze();
+    let encoded = docs
+        .into_iter()
+        .zip(spans)
+        .map(|(mut doc, (op, source))| {
+            let (op, acks, received_at) = (body.slice(op), std::mem::take(&mut doc.acks), doc.received_at);
+            match doc.outbox.take() {
+                Some(token) => EncodedDoc { id: doc.id, op, source, received_at, outbox: Some(token), acks, parked: None },
+                None => EncodedDoc { id: doc.id.clone(), op, source, received_at, outbox: None, acks, parked: Some(doc) },
+            }
+        })
+        .collect();
+    (body, encoded)
 }
 
 fn log_task_end(done: Result<(), tokio::task::JoinError>) {
@@ -206,7 +235,8 @@ fn log_task_end(done: Result<(), tokio::task::JoinError>) {
 
 /// Sends one request and retries its retryable failures until each document is settled,
 /// or shutdown gives up.
-async fn deliver(ctx: Arc<Delivery>, mut body: Bytes, mut docs: Vec<EncodedDoc>) {
+async fn deliver(ctx: Arc<Delivery>, docs: Vec<Document>) {
+    let (mut body, mut docs) = encode(&ctx.schema, ctx.vectors, docs);
     let mut item_attempts: u32 = 0;
     let mut request_failures: u32 = 0;
     loop {
@@ -327,37 +357,37 @@ async fn settle(ctx: &Delivery, docs: Vec<EncodedDoc>) {
     }
 }
 
-/// Shutdown gave up on these documents: leave them recoverable in the store.
+/// Shutdown gave up on these documents: leave them recoverable in the store. Those that
+/// completed in the store are still in its outbox; those that completed in memory are
+/// merged into it now (complete, so they land in the outbox).
 async fn park(ctx: &Delivery, docs: Vec<EncodedDoc>) {
-    let in_memory: Vec<EncodedDoc> = docs.into_iter().filter(|d| d.outbox.is_none()).collect();
-    if in_memory.is_empty() {
+    let mut batch = Vec::new();
+    let mut acks = Vec::new();
+    for doc in docs {
+        if let Some(document) = doc.parked {
+            batch.push(Partial::from_document(document));
+            acks.extend(doc.acks);
+        }
+    }
+    if batch.is_empty() {
         return;
     }
-    let mut batch = Vec::with_capacity(in_memory.len());
-    for doc in &in_memory {
-        match crate::sink::encode::decode_source(&doc.op[doc.source.clone()], &ctx.schema) {
-            Some(document) => batch.push(Partial::from_document(document)),
-            None => tracing::error!(id = %doc.id, "Document lost: cannot read back its source to park it."),
+    match ctx.store.merge(&batch).await {
+        Ok(outcomes) => {
+            let mut parked = 0;
+            for ((id, _), outcome) in batch.iter().zip(outcomes) {
+                match outcome {
+                    MergeOutcome::Completed(_) => parked += 1,
+                    other => tracing::error!(%id, ?other, "Document lost: the state store did not park it."),
+                }
+            }
+            ack_all(acks);
+            tracing::warn!(documents = parked, "Shutdown deadline passed: documents parked in the state store's outbox; they are sent at the next start.");
         }
-    }
-    let outcomes = match ctx.store.merge(&batch).await {
-        Ok(outcomes) => outcomes,
         Err(e) => {
             tracing::error!(documents = batch.len(), error = %e, "Documents lost: shutdown gave up on the sink and the state store refused them.");
-            return;
-        }
-    };
-    let mut parked = 0;
-    for ((id, _), outcome) in batch.iter().zip(outcomes) {
-        match outcome {
-            MergeOutcome::Completed(_) => parked += 1,
-            other => tracing::error!(%id, ?other, "Document lost: the state store did not park it."),
         }
     }
-    for doc in in_memory {
-        ack_all(doc.acks);
-    }
-    tracing::warn!(documents = parked, "Shutdown deadline passed: documents parked in the state store's outbox; they are sent at the next start.");
 }
 
 fn letter(doc: &EncodedDoc, status: Option<u16>, error_type: String, reason: String, attempts: u32) -> DeadLetter {

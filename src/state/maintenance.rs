@@ -4,7 +4,8 @@
 //!   data loses every persisted partial: that is logged as an ERROR and counted);
 //! - resends outbox entries the sink has not confirmed within `outbox_resend_after`
 //!   (documents completed before a crash, or whose confirmation was lost);
-//! - takes partials not updated within `redis.partial_ttl` and drops or dead-letters them.
+//! - takes partials not updated within the backend's partial TTL ([`Settings::partial_ttl`])
+//!   and drops or dead-letters them.
 //!
 //! It stops when the pipeline's cancel token fires, before the writer drains.
 
@@ -51,7 +52,7 @@ impl Maintenance {
             metrics,
             interval: settings.durability.maintenance_interval,
             resend_after: settings.durability.outbox_resend_after,
-            orphan_after: settings.redis.partial_ttl,
+            orphan_after: settings.partial_ttl(),
             orphans: settings.durability.orphans,
             cancel,
         };

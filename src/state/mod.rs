@@ -10,7 +10,11 @@
 //!   (indexed or dead-lettered); [`StateStore::claim_outbox`] hands out entries that were not
 //!   confirmed in time, for a resend (after a crash, or a lost confirmation).
 //! - [`StateStore::take_orphans`] removes and returns partials not updated for a while.
+//!
+//! Backends: [`redis`] (shared by instances) and [`embedded`] (on disk in the process, no
+//! server); both pass the same contract tests (`tests/api/state_contract.rs`).
 
+pub mod embedded;
 pub mod maintenance;
 pub mod redis;
 
@@ -30,6 +34,18 @@ pub enum StateError {
     Redis(#[from] ::redis::RedisError),
     #[error("unexpected reply from the store: {0}")]
     Protocol(String),
+    /// Boxed: redb's error is large, and every store call returns this type.
+    #[error("embedded store: {0}")]
+    Embedded(Box<::redb::Error>),
+    /// The embedded store's file cannot be opened (or another process holds it).
+    #[error("embedded store {path}: {source}")]
+    EmbeddedOpen { path: String, source: Box<::redb::Error> },
+}
+
+impl From<::redb::Error> for StateError {
+    fn from(e: ::redb::Error) -> StateError {
+        StateError::Embedded(Box::new(e))
+    }
 }
 
 /// What happened to one partial in a merge.
@@ -41,6 +57,15 @@ pub enum MergeOutcome {
     Completed(Document),
     /// Not applied; merge it again later.
     Failed(StateError),
+}
+
+/// What the store holds of one item, for `GET /documents/{id}` (never its vectors).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StoredItem {
+    /// The parts stored as a partial, as a bit mask of schema slots.
+    pub partial: u32,
+    /// The item completed in the store and waits in its outbox until the sink confirms it.
+    pub in_outbox: bool,
 }
 
 /// A partial item that expired before it completed.
@@ -90,6 +115,7 @@ impl DeadLetter {
 #[derive(Clone)]
 pub enum StateStore {
     Redis(redis::RedisStore),
+    Embedded(embedded::EmbeddedStore),
 }
 
 impl StateStore {
@@ -97,6 +123,9 @@ impl StateStore {
         match settings.state.backend {
             StateBackend::Redis => Ok(StateStore::Redis(
                 redis::RedisStore::connect(&settings.redis, schema).await?,
+            )),
+            StateBackend::Embedded => Ok(StateStore::Embedded(
+                embedded::EmbeddedStore::open(&settings.embedded, schema).await?,
             )),
         }
     }
@@ -108,6 +137,7 @@ impl StateStore {
     ) -> Result<Vec<MergeOutcome>, StateError> {
         match self {
             StateStore::Redis(s) => s.merge(batch).await,
+            StateStore::Embedded(s) => s.merge(batch).await,
         }
     }
 
@@ -115,6 +145,7 @@ impl StateStore {
     pub async fn confirm(&self, done: &[(String, String)]) -> Result<(), StateError> {
         match self {
             StateStore::Redis(s) => s.confirm(done).await,
+            StateStore::Embedded(s) => s.confirm(done).await,
         }
     }
 
@@ -122,6 +153,7 @@ impl StateStore {
     pub async fn claim_outbox(&self, older_than: Duration, limit: usize) -> Result<Vec<Document>, StateError> {
         match self {
             StateStore::Redis(s) => s.claim_outbox(older_than, limit).await,
+            StateStore::Embedded(s) => s.claim_outbox(older_than, limit).await,
         }
     }
 
@@ -129,6 +161,7 @@ impl StateStore {
     pub async fn take_orphans(&self, older_than: Duration, limit: usize) -> Result<Vec<Orphan>, StateError> {
         match self {
             StateStore::Redis(s) => s.take_orphans(older_than, limit).await,
+            StateStore::Embedded(s) => s.take_orphans(older_than, limit).await,
         }
     }
 
@@ -136,6 +169,7 @@ impl StateStore {
     pub async fn check_epoch(&self) -> Result<bool, StateError> {
         match self {
             StateStore::Redis(s) => s.check_epoch().await,
+            StateStore::Embedded(s) => s.check_epoch().await,
         }
     }
 
@@ -143,6 +177,15 @@ impl StateStore {
     pub async fn dead_letter(&self, letters: &[DeadLetter]) -> Result<(), StateError> {
         match self {
             StateStore::Redis(s) => s.dead_letter(letters).await,
+            StateStore::Embedded(s) => s.dead_letter(letters).await,
+        }
+    }
+
+    /// What the store holds of `id`: its stored parts and whether it waits in the outbox.
+    pub async fn inspect(&self, id: &str) -> Result<StoredItem, StateError> {
+        match self {
+            StateStore::Redis(s) => s.inspect(id).await,
+            StateStore::Embedded(s) => s.inspect(id).await,
         }
     }
 
@@ -150,6 +193,7 @@ impl StateStore {
     pub async fn ping(&self) -> Result<(), StateError> {
         match self {
             StateStore::Redis(s) => s.ping().await,
+            StateStore::Embedded(s) => s.ping().await,
         }
     }
 }

@@ -23,7 +23,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{ErrorKind, Script, ServerErrorKind, Value};
 
-use super::{DeadLetter, MergeOutcome, Orphan, StateError};
+use super::{DeadLetter, MergeOutcome, Orphan, StateError, StoredItem};
 use crate::config::RedisSettings;
 use crate::model::document::{merge_metadata, Partial};
 use crate::model::{Document, Metadata, Schema};
@@ -391,6 +391,23 @@ impl RedisStore {
             outbox: token,
             acks: Vec::new(),
         })
+    }
+
+    /// The part names of the item's partial hash, and whether its outbox entry (with a
+    /// completion token) exists; both read in one MULTI, so a merge that completes the
+    /// item in between cannot show it in both places or in neither.
+    pub async fn inspect(&self, id: &str) -> Result<StoredItem, StateError> {
+        let mut pipe = redis::pipe();
+        pipe.atomic();
+        pipe.cmd("HKEYS").arg(self.item_key(id));
+        pipe.cmd("HEXISTS").arg(self.outbox_key(id)).arg(DONE_FIELD);
+        let mut conn = self.conn.clone();
+        let (fields, in_outbox): (Vec<String>, bool) = pipe.query_async(&mut conn).await?;
+        let partial = fields
+            .iter()
+            .filter_map(|field| self.schema.slot_of(field))
+            .fold(0, |mask, slot| mask | (1 << slot));
+        Ok(StoredItem { partial, in_outbox })
     }
 
     pub async fn dead_letter(&self, letters: &[DeadLetter]) -> Result<(), StateError> {

@@ -146,3 +146,34 @@ async fn metadata_is_merged_into_the_document_and_the_index_has_vector_mappings(
     app.stop().await.unwrap();
     assert_eq!(redis_keys(&redis).await, Vec::<String>::new());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn msgpack_bodies_with_binary_vectors_are_indexed_bit_exact() {
+    let (redis, es) = (RedisServer::start().await, EsTarget::start().await);
+    let app = spawn_app(test_settings(&redis, &es)).await;
+    // What a numpy client sends: vectors as little-endian f32 bytes (`bin`).
+    fn part(id: &str, kind: &str, dims: usize) -> rmpv::Value {
+        let bytes: Vec<u8> = vector(id, kind, dims, 0).iter().flat_map(|x| x.to_le_bytes()).collect();
+        rmpv::Value::Map(vec![
+            ("id".into(), id.into()),
+            ("embedding_type".into(), kind.into()),
+            ("embedding".into(), rmpv::Value::Binary(bytes)),
+        ])
+    }
+    let items = vec![part("bin-1", TEXT, TEXT_DIMS), part("bin-1", IMAGE, IMAGE_DIMS), part("bin-2", TEXT, 7)];
+    let body = rmpv::Value::Map(vec![("embeddings".into(), rmpv::Value::Array(items))]);
+    let mut bytes = Vec::new();
+    rmpv::encode::write_value(&mut bytes, &body).unwrap();
+    let response = app.post_raw(bytes, "application/msgpack").await;
+    assert_eq!(response.status(), 202);
+    let answer: Value = response.json().await.unwrap();
+    assert_eq!(answer["accepted"], 2);
+    assert_eq!(answer["rejected"][0]["code"], "wrong_dims");
+
+    assert_eq!(es.wait_for_count(1, Duration::from_secs(30)).await, 1);
+    let doc = es.doc("bin-1").await.unwrap().source;
+    assert_eq!(stored_vector(&doc, "text_embedding"), vector("bin-1", TEXT, TEXT_DIMS, 0));
+    assert_eq!(stored_vector(&doc, "image_embedding"), vector("bin-1", IMAGE, IMAGE_DIMS, 0));
+    assert_eq!(app.post_raw(vec![0xc1u8], "application/msgpack").await.status(), 400, "not MessagePack");
+    app.stop().await.unwrap();
+}

@@ -3,9 +3,13 @@
 
 mod bad_input;
 mod cli;
+mod defaults;
 mod durability;
 mod end_to_end;
 mod es_standin_contract;
 mod instances;
 mod interleavings;
+mod operate;
+mod sink_contract;
+mod state_contract;
 mod support;

@@ -21,6 +21,9 @@ pub struct TestApp {
 /// Settings for a test: free port, the test's Redis and Elasticsearch, small workers.
 pub fn test_settings(redis: &RedisServer, es: &EsTarget) -> Settings {
     let mut s = Settings::defaults();
+    // The defaults are embedded + file; these tests are about Redis and Elasticsearch.
+    s.state.backend = embedjoin::config::StateBackend::Redis;
+    s.sink.backend = embedjoin::config::SinkBackend::Elasticsearch;
     s.http.bind = "127.0.0.1:0".into();
     s.http.workers = 2;
     s.redis.url = redis.url();

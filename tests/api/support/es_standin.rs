@@ -145,11 +145,16 @@ pub struct EsStandin {
 impl EsStandin {
     /// Binds `127.0.0.1:0` and spawns the server task on the current tokio runtime.
     pub async fn start() -> EsStandin {
+        Self::start_on("127.0.0.1:0".parse().unwrap()).await.expect("es-standin: bind 127.0.0.1:0")
+    }
+
+    /// Binds `addr` (e.g. a fixed port, for a stand-in run as a process by a benchmark).
+    pub async fn start_on(addr: SocketAddr) -> std::io::Result<EsStandin> {
         let shared = Arc::new(Shared::new());
-        let listener = bind_listener("127.0.0.1:0".parse().unwrap()).expect("es-standin: bind 127.0.0.1:0");
-        let addr = listener.local_addr().expect("es-standin: local_addr");
+        let listener = bind_listener(addr)?;
+        let addr = listener.local_addr()?;
         let task = tokio::spawn(accept_loop(shared.clone(), listener));
-        EsStandin { shared, addr, server: Mutex::new(Some(task)) }
+        Ok(EsStandin { shared, addr, server: Mutex::new(Some(task)) })
     }
 
     /// `http://127.0.0.1:PORT`

@@ -76,6 +76,9 @@ impl Drop for ServiceProcess {
 /// The environment for a child service using this Redis and Elasticsearch index.
 pub fn service_env(redis_url: &str, es_url: &str, index: &str, extra: &[(&str, &str)]) -> Vec<(String, String)> {
     let mut env = vec![
+        // The defaults are embedded + file; these services use Redis and Elasticsearch.
+        ("EMBEDJOIN__STATE__BACKEND".to_owned(), "redis".to_owned()),
+        ("EMBEDJOIN__SINK__BACKEND".to_owned(), "elasticsearch".to_owned()),
         ("EMBEDJOIN__REDIS__URL".to_owned(), redis_url.to_owned()),
         ("EMBEDJOIN__ELASTICSEARCH__URL".to_owned(), es_url.to_owned()),
         ("EMBEDJOIN__ELASTICSEARCH__INDEX".to_owned(), index.to_owned()),
