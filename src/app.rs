@@ -134,9 +134,7 @@ impl Application {
         let state = AppState {
             router: pipeline.router.clone(),
             schema: pipeline.schema.clone(),
-            limits: Limits {
-                max_id_bytes: settings.http.max_id_bytes,
-            },
+            limits: Limits { max_id_bytes: settings.http.max_id_bytes },
             max_body_bytes: settings.http.max_body_bytes,
             max_batch_items: settings.http.max_batch_items,
             store: pipeline.store.clone(),
@@ -150,11 +148,7 @@ impl Application {
             },
         };
         let server = http::server(listener, state, &settings)?;
-        Ok(Application {
-            port,
-            server,
-            pipeline,
-        })
+        Ok(Application { port, server, pipeline })
     }
 
     pub fn port(&self) -> u16 {
@@ -184,8 +178,6 @@ impl Application {
         };
         self.pipeline.shutdown().await;
         tracing::info!("Stopped.");
-        served
-            .context("the HTTP server task failed")?
-            .context("the HTTP server failed")
+        served.context("the HTTP server task failed")?.context("the HTTP server failed")
     }
 }

@@ -31,10 +31,7 @@ pub enum ConfigError {
 }
 
 fn invalid(key: impl Into<String>, reason: impl Into<String>) -> ConfigError {
-    ConfigError::Invalid {
-        key: key.into(),
-        reason: reason.into(),
-    }
+    ConfigError::Invalid { key: key.into(), reason: reason.into() }
 }
 
 /// All of embedjoin's settings.
@@ -117,6 +114,8 @@ pub enum AckMode {
 pub enum OrphanAction {
     Drop,
     DeadLetter,
+    /// Index what is there, marked `"incomplete": true` with its `missing_parts`.
+    Index,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -292,11 +291,7 @@ impl std::fmt::Debug for ElasticsearchSettings {
     }
 }
 
-fn debug_as_serialized<T: Serialize>(
-    name: &str,
-    value: &T,
-    f: &mut std::fmt::Formatter<'_>,
-) -> std::fmt::Result {
+fn debug_as_serialized<T: Serialize>(name: &str, value: &T, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
     match serde_json::to_value(value) {
         Ok(shown) => write!(f, "{name} {shown}"),
         Err(_) => write!(f, "{name} {{ .. }}"),
@@ -332,10 +327,8 @@ pub struct LogSettings {
 impl Settings {
     /// Loads defaults, then `file` if given, then `EMBEDJOIN__*` variables, and validates.
     pub fn load(file: Option<&Path>) -> Result<Settings, ConfigError> {
-        let mut builder = config::Config::builder().add_source(config::File::from_str(
-            DEFAULT_TOML,
-            config::FileFormat::Toml,
-        ));
+        let mut builder =
+            config::Config::builder().add_source(config::File::from_str(DEFAULT_TOML, config::FileFormat::Toml));
         if let Some(path) = file {
             builder = builder.add_source(config::File::from(path).required(true));
         }
@@ -363,10 +356,7 @@ impl Settings {
     /// Loads settings from TOML text layered over the defaults (no environment).
     pub fn load_from_str(toml: &str) -> Result<Settings, ConfigError> {
         let settings: Settings = config::Config::builder()
-            .add_source(config::File::from_str(
-                DEFAULT_TOML,
-                config::FileFormat::Toml,
-            ))
+            .add_source(config::File::from_str(DEFAULT_TOML, config::FileFormat::Toml))
             .add_source(config::File::from_str(toml, config::FileFormat::Toml))
             .build()?
             .try_deserialize()?;
@@ -380,10 +370,7 @@ impl Settings {
             return Err(invalid("parts", "at least one part is required"));
         }
         if self.parts.len() > crate::model::MAX_PARTS {
-            return Err(invalid(
-                "parts",
-                format!("at most {} parts are supported", crate::model::MAX_PARTS),
-            ));
+            return Err(invalid("parts", format!("at most {} parts are supported", crate::model::MAX_PARTS)));
         }
         let (mut types, mut fields) = (HashSet::new(), HashSet::new());
         for (i, part) in self.parts.iter().enumerate() {
@@ -392,45 +379,25 @@ impl Settings {
                 return Err(invalid(key("type_name"), "must not be empty"));
             }
             if !types.insert(&part.type_name) {
-                return Err(invalid(
-                    key("type_name"),
-                    format!("`{}` is listed twice", part.type_name),
-                ));
+                return Err(invalid(key("type_name"), format!("`{}` is listed twice", part.type_name)));
             }
             if part.field.is_empty() || part.field.starts_with('_') || part.field.contains('.') {
-                return Err(invalid(
-                    key("field"),
-                    "must be a non-empty name without a leading `_` or a `.`",
-                ));
+                return Err(invalid(key("field"), "must be a non-empty name without a leading `_` or a `.`"));
             }
             if crate::model::RESERVED_FIELDS.contains(&part.field.as_str()) {
-                return Err(invalid(
-                    key("field"),
-                    format!("`{}` is reserved", part.field),
-                ));
+                return Err(invalid(key("field"), format!("`{}` is reserved", part.field)));
             }
             if !fields.insert(&part.field) {
-                return Err(invalid(
-                    key("field"),
-                    format!("`{}` is used by two parts", part.field),
-                ));
+                return Err(invalid(key("field"), format!("`{}` is used by two parts", part.field)));
             }
             if part.dims == 0 || part.dims > 4096 {
-                return Err(invalid(
-                    key("dims"),
-                    "must be between 1 and 4096 (Elasticsearch's dense_vector limit)",
-                ));
+                return Err(invalid(key("dims"), "must be between 1 and 4096 (Elasticsearch's dense_vector limit)"));
             }
         }
         self.http
             .bind
             .parse::<std::net::SocketAddr>()
-            .map_err(|e| {
-                invalid(
-                    "http.bind",
-                    format!("`{}` is not an address:port ({e})", self.http.bind),
-                )
-            })?;
+            .map_err(|e| invalid("http.bind", format!("`{}` is not an address:port ({e})", self.http.bind)))?;
         positive("http.max_body_bytes", self.http.max_body_bytes)?;
         positive("http.max_batch_items", self.http.max_batch_items)?;
         if !(1..=512).contains(&self.http.max_id_bytes) {
@@ -457,19 +424,13 @@ impl Settings {
             return Err(invalid("shards.count", "must be at most 4096"));
         }
 
-        let redis_url = url::Url::parse(&self.redis.url)
-            .map_err(|e| invalid("redis.url", format!("cannot parse: {e}")))?;
+        let redis_url =
+            url::Url::parse(&self.redis.url).map_err(|e| invalid("redis.url", format!("cannot parse: {e}")))?;
         if !matches!(redis_url.scheme(), "redis" | "rediss") {
-            return Err(invalid(
-                "redis.url",
-                "must start with redis:// or rediss://",
-            ));
+            return Err(invalid("redis.url", "must start with redis:// or rediss://"));
         }
         if self.redis.key_prefix.contains(['{', '}']) {
-            return Err(invalid(
-                "redis.key_prefix",
-                "must not contain `{` or `}` (they delimit the cluster hash tag)",
-            ));
+            return Err(invalid("redis.key_prefix", "must not contain `{` or `}` (they delimit the cluster hash tag)"));
         }
         if self.redis.partial_ttl < Duration::from_secs(1) {
             return Err(invalid("redis.partial_ttl", "must be at least 1s"));
@@ -490,55 +451,34 @@ impl Settings {
         }
 
         let es = &self.elasticsearch;
-        let es_url = url::Url::parse(&es.url)
-            .map_err(|e| invalid("elasticsearch.url", format!("cannot parse: {e}")))?;
+        let es_url =
+            url::Url::parse(&es.url).map_err(|e| invalid("elasticsearch.url", format!("cannot parse: {e}")))?;
         if !matches!(es_url.scheme(), "http" | "https") {
-            return Err(invalid(
-                "elasticsearch.url",
-                "must start with http:// or https://",
-            ));
+            return Err(invalid("elasticsearch.url", "must start with http:// or https://"));
         }
         if es.index.is_empty()
             || es.index != es.index.to_lowercase()
             || es.index.starts_with(['_', '-', '+'])
-            || es
-                .index
-                .contains(['\\', '/', '*', '?', '"', '<', '>', '|', ' ', ',', '#', ':'])
+            || es.index.contains(['\\', '/', '*', '?', '"', '<', '>', '|', ' ', ',', '#', ':'])
         {
-            return Err(invalid(
-                "elasticsearch.index",
-                format!("`{}` is not a valid index name", es.index),
-            ));
+            return Err(invalid("elasticsearch.index", format!("`{}` is not a valid index name", es.index)));
         }
         if !es.api_key.is_empty() && !es.username.is_empty() {
-            return Err(invalid(
-                "elasticsearch.api_key",
-                "set either api_key or username/password, not both",
-            ));
+            return Err(invalid("elasticsearch.api_key", "set either api_key or username/password, not both"));
         }
         positive("elasticsearch.bulk_max_docs", es.bulk_max_docs)?;
         positive("elasticsearch.bulk_max_bytes", es.bulk_max_bytes)?;
         positive("elasticsearch.requests_in_flight", es.requests_in_flight)?;
         nonzero_duration("elasticsearch.flush_interval", es.flush_interval)?;
         nonzero_duration("elasticsearch.request_timeout", es.request_timeout)?;
-        nonzero_duration(
-            "elasticsearch.retry_initial_backoff",
-            es.retry_initial_backoff,
-        )?;
+        nonzero_duration("elasticsearch.retry_initial_backoff", es.retry_initial_backoff)?;
         if es.retry_max_backoff < es.retry_initial_backoff {
-            return Err(invalid(
-                "elasticsearch.retry_max_backoff",
-                "must be at least retry_initial_backoff",
-            ));
+            return Err(invalid("elasticsearch.retry_max_backoff", "must be at least retry_initial_backoff"));
         }
         if let Some(s) = es.retry_statuses.iter().find(|s| !(400..600).contains(*s)) {
-            return Err(invalid(
-                "elasticsearch.retry_statuses",
-                format!("{s} is not an HTTP error status"),
-            ));
+            return Err(invalid("elasticsearch.retry_statuses", format!("{s} is not an HTTP error status")));
         }
-        tracing_subscriber::EnvFilter::try_new(&self.log.level)
-            .map_err(|e| invalid("log.level", e.to_string()))?;
+        tracing_subscriber::EnvFilter::try_new(&self.log.level).map_err(|e| invalid("log.level", e.to_string()))?;
         Ok(())
     }
 
@@ -553,9 +493,7 @@ impl Settings {
     /// Number of shards, with 0 resolved to the number of cores.
     pub fn shard_count(&self) -> usize {
         if self.shards.count == 0 {
-            std::thread::available_parallelism()
-                .map(|n| n.get())
-                .unwrap_or(1)
+            std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
         } else {
             self.shards.count
         }
@@ -606,14 +544,7 @@ mod tests {
     #[test]
     fn a_parts_list_replaces_the_default_one() {
         let s = Settings::load_from_str("[[parts]]\ntype_name='A'\nfield='a'\ndims=3").unwrap();
-        assert_eq!(
-            s.parts,
-            vec![PartSettings {
-                type_name: "A".into(),
-                field: "a".into(),
-                dims: 3
-            }]
-        );
+        assert_eq!(s.parts, vec![PartSettings { type_name: "A".into(), field: "a".into(), dims: 3 }]);
     }
 
     #[test]

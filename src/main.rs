@@ -7,10 +7,7 @@ use clap::{Parser, Subcommand};
 use embedjoin::{Application, Settings};
 
 #[derive(Parser)]
-#[command(
-    version,
-    about = "Joins embedding parts into complete documents and indexes them once."
-)]
+#[command(version, about = "Joins embedding parts into complete documents and indexes them once.")]
 struct Cli {
     /// A TOML file layered over the built-in defaults (config/default.toml).
     #[arg(long, short, global = true, env = "EMBEDJOIN_CONFIG")]

@@ -35,6 +35,11 @@ pub struct ReasonLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ShardLabels {
+    pub shard: u32,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct StatusLabels {
     pub status: u16,
 }
@@ -58,6 +63,8 @@ pub struct Metrics {
     pub store_flush_failures: Counter,
     pub store_flush_seconds: Histogram,
     pub partials_resident: Gauge,
+    pub shard_mailbox_depth: Family<ShardLabels, Gauge>,
+    pub writer_queue_depth: Gauge,
     pub partial_bytes_resident: Gauge,
     pub bulk_requests: Family<StatusLabels, Counter>,
     pub bulk_request_failures: Counter,
@@ -98,6 +105,8 @@ impl Metrics {
             store_flush_failures: Counter::default(),
             store_flush_seconds: latency_buckets(),
             partials_resident: Gauge::default(),
+            shard_mailbox_depth: Family::default(),
+            writer_queue_depth: Gauge::default(),
             partial_bytes_resident: Gauge::default(),
             bulk_requests: Family::default(),
             bulk_request_failures: Counter::default(),
@@ -107,106 +116,43 @@ impl Metrics {
             bulk_seconds: latency_buckets(),
             part_to_indexed_seconds: latency_buckets(),
             part_to_indexed_us: Mutex::new(
-                hdrhistogram::Histogram::new_with_bounds(1, 3_600_000_000, 3)
-                    .expect("valid bounds"),
+                hdrhistogram::Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("valid bounds"),
             ),
         };
         let r = &mut m.registry;
+        r.register("parts_received", "Parts taken by ingress", m.parts_received.clone());
+        r.register("parts_rejected", "Items refused by ingress, by reason", m.parts_rejected.clone());
+        r.register("documents_completed", "Items that became complete, by where", m.documents_completed.clone());
+        r.register("documents_indexed", "Documents the sink acknowledged", m.documents_indexed.clone());
+        r.register("dead_letters", "Documents the sink refused for good", m.dead_letters.clone());
+        r.register("shard_mailbox_depth", "Messages waiting in a shard's mailbox", m.shard_mailbox_depth.clone());
         r.register(
-            "parts_received",
-            "Parts taken by ingress",
-            m.parts_received.clone(),
-        );
-        r.register(
-            "parts_rejected",
-            "Items refused by ingress, by reason",
-            m.parts_rejected.clone(),
-        );
-        r.register(
-            "documents_completed",
-            "Items that became complete, by where",
-            m.documents_completed.clone(),
-        );
-        r.register(
-            "documents_indexed",
-            "Documents the sink acknowledged",
-            m.documents_indexed.clone(),
-        );
-        r.register(
-            "dead_letters",
-            "Documents the sink refused for good",
-            m.dead_letters.clone(),
+            "writer_queue_depth",
+            "Documents waiting in the bulk writer, not yet in a request",
+            m.writer_queue_depth.clone(),
         );
         r.register("store_confirms", "Outbox confirmations sent to the state store", m.store_confirms.clone());
         r.register("orphans_expired", "Partial items that did not complete within the TTL", m.orphans_expired.clone());
         r.register("outbox_resent", "Completed documents resent from the outbox", m.outbox_resent.clone());
         r.register("state_resets", "Times the state store was found to have lost its data", m.state_resets.clone());
         r.register("overloaded", "Requests refused with 503 because the pipeline was saturated", m.overloaded.clone());
-        r.register(
-            "store_flushes",
-            "Flushes of dirty partials to the state store",
-            m.store_flushes.clone(),
-        );
-        r.register(
-            "store_merges",
-            "Per-item merge calls sent to the state store",
-            m.store_merges.clone(),
-        );
-        r.register(
-            "store_merge_bytes",
-            "Vector bytes sent to the state store",
-            m.store_merge_bytes.clone(),
-        );
-        r.register(
-            "store_flush_failures",
-            "Flushes that failed in whole or part",
-            m.store_flush_failures.clone(),
-        );
-        r.register(
-            "store_flush_seconds",
-            "Duration of a flush",
-            m.store_flush_seconds.clone(),
-        );
-        r.register(
-            "partials_resident",
-            "Partial items held in memory",
-            m.partials_resident.clone(),
-        );
+        r.register("store_flushes", "Flushes of dirty partials to the state store", m.store_flushes.clone());
+        r.register("store_merges", "Per-item merge calls sent to the state store", m.store_merges.clone());
+        r.register("store_merge_bytes", "Vector bytes sent to the state store", m.store_merge_bytes.clone());
+        r.register("store_flush_failures", "Flushes that failed in whole or part", m.store_flush_failures.clone());
+        r.register("store_flush_seconds", "Duration of a flush", m.store_flush_seconds.clone());
+        r.register("partials_resident", "Partial items held in memory", m.partials_resident.clone());
         r.register(
             "partial_bytes_resident",
             "Vector bytes of partials held in memory",
             m.partial_bytes_resident.clone(),
         );
-        r.register(
-            "bulk_requests",
-            "Bulk requests answered, by HTTP status",
-            m.bulk_requests.clone(),
-        );
-        r.register(
-            "bulk_request_failures",
-            "Bulk requests with no answer",
-            m.bulk_request_failures.clone(),
-        );
-        r.register(
-            "bulk_items",
-            "Bulk item results, by status",
-            m.bulk_items.clone(),
-        );
-        r.register(
-            "bulk_bytes",
-            "Bulk request body bytes sent",
-            m.bulk_bytes.clone(),
-        );
-        r.register(
-            "bulk_retries",
-            "Documents sent again after a retryable failure",
-            m.bulk_retries.clone(),
-        );
-        r.register(
-            "bulk_seconds",
-            "Duration of a bulk request",
-            m.bulk_seconds.clone(),
-        );
+        r.register("bulk_requests", "Bulk requests answered, by HTTP status", m.bulk_requests.clone());
+        r.register("bulk_request_failures", "Bulk requests with no answer", m.bulk_request_failures.clone());
+        r.register("bulk_items", "Bulk item results, by status", m.bulk_items.clone());
+        r.register("bulk_bytes", "Bulk request body bytes sent", m.bulk_bytes.clone());
+        r.register("bulk_retries", "Documents sent again after a retryable failure", m.bulk_retries.clone());
+        r.register("bulk_seconds", "Duration of a bulk request", m.bulk_seconds.clone());
         r.register(
             "part_to_indexed_seconds",
             "From a part's arrival to its document's acknowledgement",
@@ -217,10 +163,7 @@ impl Metrics {
 
     /// Records the latency of documents the sink just acknowledged.
     pub fn observe_indexed(&self, latencies: impl Iterator<Item = Duration>) {
-        let mut hdr = self
-            .part_to_indexed_us
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
+        let mut hdr = self.part_to_indexed_us.lock().unwrap_or_else(|e| e.into_inner());
         let mut n = 0;
         for latency in latencies {
             self.part_to_indexed_seconds.observe(latency.as_secs_f64());
@@ -233,8 +176,7 @@ impl Metrics {
     /// The Prometheus text exposition of every metric.
     pub fn render(&self) -> String {
         let mut out = String::new();
-        prometheus_client::encoding::text::encode(&mut out, &self.registry)
-            .expect("writing to a String cannot fail");
+        prometheus_client::encoding::text::encode(&mut out, &self.registry).expect("writing to a String cannot fail");
         out
     }
 }

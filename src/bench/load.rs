@@ -312,7 +312,10 @@ mod tests {
             let (a, ra) = crate::model::ingest::parse_batch(json, &schema, limits).unwrap();
             let (b, rb) = crate::model::ingest::parse_batch_msgpack(&msgpack, &schema, limits).unwrap();
             assert!(ra.is_empty() && rb.is_empty());
-            assert_eq!(a.iter().map(|p| (&p.id, p.slot, &p.vector)).collect::<Vec<_>>(), b.iter().map(|p| (&p.id, p.slot, &p.vector)).collect::<Vec<_>>());
+            assert_eq!(
+                a.iter().map(|p| (&p.id, p.slot, &p.vector)).collect::<Vec<_>>(),
+                b.iter().map(|p| (&p.id, p.slot, &p.vector)).collect::<Vec<_>>()
+            );
         }
     }
 

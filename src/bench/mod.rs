@@ -473,9 +473,15 @@ async fn over_http(url: &str, settings: &Settings, args: &BenchArgs, label: Opti
     };
     let parts: u64 = batches.iter().map(|(_, n)| *n as u64).sum();
     let progress = Progress::new(args, parts, label);
-    let outcome =
-        http::run(url, batches, args.format.content_type(), args.concurrency as usize, args.entities as usize, &progress)
-            .await;
+    let outcome = http::run(
+        url,
+        batches,
+        args.format.content_type(),
+        args.concurrency as usize,
+        args.entities as usize,
+        &progress,
+    )
+    .await;
     progress.finish();
     let mut run = outcome?;
     run.counts.vector_bytes = vector_bytes;

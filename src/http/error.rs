@@ -59,9 +59,7 @@ impl ResponseError for ApiError {
             | ApiError::UnsupportedContentType(_)
             | ApiError::EmptyBatch
             | ApiError::BadBody(_) => StatusCode::BAD_REQUEST,
-            ApiError::BodyTooLarge { .. } | ApiError::TooManyItems { .. } => {
-                StatusCode::PAYLOAD_TOO_LARGE
-            }
+            ApiError::BodyTooLarge { .. } | ApiError::TooManyItems { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::ShuttingDown | ApiError::Overloaded(_) | ApiError::NotDurableInTime(_) => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
@@ -85,7 +83,6 @@ impl ResponseError for ApiError {
             };
             response.insert_header(("WWW-Authenticate", challenge));
         }
-        response
-            .json(serde_json::json!({"error": {"code": self.code(), "message": self.to_string()}}))
+        response.json(serde_json::json!({"error": {"code": self.code(), "message": self.to_string()}}))
     }
 }

@@ -12,10 +12,8 @@ pub async fn health() -> HttpResponse {
 
 pub async fn ready(state: web::Data<AppState>) -> HttpResponse {
     let limit = Duration::from_secs(2);
-    let (store, sink) = tokio::join!(
-        tokio::time::timeout(limit, state.store.ping()),
-        tokio::time::timeout(limit, state.sink.ping())
-    );
+    let (store, sink) =
+        tokio::join!(tokio::time::timeout(limit, state.store.ping()), tokio::time::timeout(limit, state.sink.ping()));
     let describe = |r: Result<Result<(), String>, tokio::time::error::Elapsed>| match r {
         Ok(Ok(())) => None,
         Ok(Err(e)) => Some(e),

@@ -10,9 +10,9 @@ use super::error::ApiError;
 use super::AppState;
 use crate::config::AckMode;
 use crate::metrics::ReasonLabels;
+use crate::model::ingest::{parse_batch, parse_batch_msgpack, Rejection};
 use crate::model::{AckGroup, Part};
 use crate::shard::SubmitError;
-use crate::model::ingest::{parse_batch, parse_batch_msgpack, Rejection};
 
 /// The answer to an ingest request.
 #[derive(Debug, Serialize)]
@@ -29,12 +29,7 @@ pub async fn aggregate(
     payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
     let format = body_format(&req)?;
-    let body = read_body(
-        payload,
-        req.headers().get("content-length"),
-        state.max_body_bytes,
-    )
-    .await?;
+    let body = read_body(payload, req.headers().get("content-length"), state.max_body_bytes).await?;
     let parsed = match format {
         BodyFormat::Json => parse_batch(&body, &state.schema, state.limits).map_err(|e| e.to_string()),
         BodyFormat::MessagePack => parse_batch_msgpack(&body, &state.schema, state.limits).map_err(|e| e.to_string()),
@@ -46,10 +41,7 @@ pub async fn aggregate(
         return Err(ApiError::EmptyBatch);
     }
     if count > state.max_batch_items {
-        return Err(ApiError::TooManyItems {
-            count,
-            limit: state.max_batch_items,
-        });
+        return Err(ApiError::TooManyItems { count, limit: state.max_batch_items });
     }
     let accepted = parts.len();
     if accepted > 0 {
@@ -57,21 +49,12 @@ pub async fn aggregate(
     }
     state.metrics.parts_received.inc_by(accepted as u64);
     for r in &rejected {
-        state
-            .metrics
-            .parts_rejected
-            .get_or_create(&ReasonLabels { reason: r.code })
-            .inc();
+        state.metrics.parts_rejected.get_or_create(&ReasonLabels { reason: r.code }).inc();
         tracing::debug!(index = r.index, id = ?r.id, code = r.code, reason = %r.reason, "Item rejected.");
     }
     let response = IngestResponse { accepted, rejected };
     // Nothing taken is not a success a client should mistake for one.
-    Ok(if accepted == 0 {
-        HttpResponse::UnprocessableEntity()
-    } else {
-        HttpResponse::Accepted()
-    }
-    .json(response))
+    Ok(if accepted == 0 { HttpResponse::UnprocessableEntity() } else { HttpResponse::Accepted() }.json(response))
 }
 
 /// Hands the parts to the shards and, in `persisted` mode, waits until they are durable.
@@ -127,9 +110,7 @@ async fn read_body(
     content_length: Option<&actix_web::http::header::HeaderValue>,
     limit: usize,
 ) -> Result<web::BytesMut, ApiError> {
-    let declared = content_length
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<usize>().ok());
+    let declared = content_length.and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<usize>().ok());
     if let Some(size) = declared {
         if size > limit {
             return Err(ApiError::BodyTooLarge { size, limit });
@@ -139,10 +120,7 @@ async fn read_body(
     while let Some(chunk) = payload.next().await {
         let chunk = chunk.map_err(|e| ApiError::BadBody(e.to_string()))?;
         if body.len() + chunk.len() > limit {
-            return Err(ApiError::BodyTooLarge {
-                size: body.len() + chunk.len(),
-                limit,
-            });
+            return Err(ApiError::BodyTooLarge { size: body.len() + chunk.len(), limit });
         }
         body.extend_from_slice(&chunk);
     }

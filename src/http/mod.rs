@@ -51,11 +51,7 @@ pub struct Durability {
 
 /// Builds the server on an already bound listener. It does not handle signals: the caller
 /// decides when to stop it.
-pub fn server(
-    listener: TcpListener,
-    state: AppState,
-    settings: &Settings,
-) -> std::io::Result<Server> {
+pub fn server(listener: TcpListener, state: AppState, settings: &Settings) -> std::io::Result<Server> {
     let state = web::Data::new(state);
     let token = auth::BearerToken(settings.http.auth_token.clone());
     let openapi = web::Data::new(openapi::OpenApi::new(settings));
@@ -65,13 +61,12 @@ pub fn server(
             .app_data(token.clone())
             .app_data(openapi.clone())
             // A path that does not decode (`%FF`) names nothing: the JSON 404, not a text one.
-            .app_data(web::PathConfig::default().error_handler(|e, _| {
-                error::ApiError::NotFound(format!("bad path: {e}")).into()
-            }))
+            .app_data(
+                web::PathConfig::default()
+                    .error_handler(|e, _| error::ApiError::NotFound(format!("bad path: {e}")).into()),
+            )
             .service(
-                web::resource("/aggregate")
-                    .wrap(from_fn(auth::require_token))
-                    .route(web::post().to(ingest::aggregate)),
+                web::resource("/aggregate").wrap(from_fn(auth::require_token)).route(web::post().to(ingest::aggregate)),
             )
             .service(
                 web::resource("/aggregate/")
@@ -114,6 +109,5 @@ async fn not_found(req: HttpRequest) -> HttpResponse {
             .insert_header(("Allow", allow))
             .json(serde_json::json!({"error": {"code": "method_not_allowed", "message": message}}));
     }
-    HttpResponse::NotFound()
-        .json(serde_json::json!({"error": {"code": "not_found", "message": "no such endpoint"}}))
+    HttpResponse::NotFound().json(serde_json::json!({"error": {"code": "not_found", "message": "no such endpoint"}}))
 }

@@ -9,7 +9,9 @@ use super::{AckGroup, Metadata, Part, Schema};
 #[derive(Debug, Clone)]
 pub struct Document {
     pub id: String,
-    /// One vector per schema slot, in slot order.
+    /// One vector per schema slot, in slot order. An empty vector marks a missing part: only
+    /// an orphan indexed incomplete (`durability.orphans = "index"`) has one, since a
+    /// validated part always has at least one value.
     pub vectors: Vec<Vec<f32>>,
     /// Metadata of all parts, merged; a later part's key wins.
     pub metadata: Option<Metadata>,
@@ -41,7 +43,13 @@ pub struct Partial {
 
 impl Partial {
     pub fn new(slots: usize, now: Instant) -> Partial {
-        Partial { vectors: vec![None; slots], metadata: vec![None; slots], received_at: now, acks: Vec::new(), maybe_stored: false }
+        Partial {
+            vectors: vec![None; slots],
+            metadata: vec![None; slots],
+            received_at: now,
+            acks: Vec::new(),
+            maybe_stored: false,
+        }
     }
 
     /// A partial holding every part of a document, to store it again (shutdown).
@@ -50,7 +58,7 @@ impl Partial {
         let mut metadata = vec![None; slots];
         metadata[0] = doc.metadata;
         let partial = Partial {
-            vectors: doc.vectors.into_iter().map(Some).collect(),
+            vectors: doc.vectors.into_iter().map(|v| (!v.is_empty()).then_some(v)).collect(),
             metadata,
             received_at: doc.received_at,
             acks: doc.acks,

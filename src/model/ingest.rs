@@ -61,13 +61,7 @@ pub struct Limits {
 
 impl RawItem {
     /// Checks the item against the schema and turns it into a [`Part`].
-    pub fn validate(
-        self,
-        index: usize,
-        schema: &Schema,
-        limits: Limits,
-        now: Instant,
-    ) -> Result<Part, Rejection> {
+    pub fn validate(self, index: usize, schema: &Schema, limits: Limits, now: Instant) -> Result<Part, Rejection> {
         let reject = |id: Option<&str>, code: &'static str, reason: String| Rejection {
             index,
             id: id.map(str::to_owned),
@@ -76,41 +70,21 @@ impl RawItem {
         };
         let id = match self.id {
             None => return Err(reject(None, "missing_id", "`id` is required".into())),
-            Some(Err(what)) => {
-                return Err(reject(
-                    None,
-                    "bad_id",
-                    format!("`id` must be a string, got {what}"),
-                ))
-            }
+            Some(Err(what)) => return Err(reject(None, "bad_id", format!("`id` must be a string, got {what}"))),
             Some(Ok(id)) => id,
         };
         if id.is_empty() {
             return Err(reject(None, "bad_id", "`id` must not be empty".into()));
         }
         if id.len() > limits.max_id_bytes {
-            let reason = format!(
-                "`id` is {} bytes; at most {} are allowed",
-                id.len(),
-                limits.max_id_bytes
-            );
+            let reason = format!("`id` is {} bytes; at most {} are allowed", id.len(), limits.max_id_bytes);
             return Err(reject(None, "id_too_long", reason));
         }
         if id.chars().any(char::is_control) {
-            return Err(reject(
-                Some(&id),
-                "bad_id",
-                "`id` must not contain control characters".into(),
-            ));
+            return Err(reject(Some(&id), "bad_id", "`id` must not contain control characters".into()));
         }
         let type_name = match self.embedding_type {
-            None => {
-                return Err(reject(
-                    Some(&id),
-                    "missing_type",
-                    "`embedding_type` is required".into(),
-                ))
-            }
+            None => return Err(reject(Some(&id), "missing_type", "`embedding_type` is required".into())),
             Some(Err(what)) => {
                 let reason = format!("`embedding_type` must be a string, got {what}");
                 return Err(reject(Some(&id), "unknown_type", reason));
@@ -118,20 +92,11 @@ impl RawItem {
             Some(Ok(t)) => t,
         };
         let Some(slot) = schema.slot_of(&type_name) else {
-            let reason = format!(
-                "unknown `embedding_type` {type_name:?}; expected one of: {}",
-                schema.type_names()
-            );
+            let reason = format!("unknown `embedding_type` {type_name:?}; expected one of: {}", schema.type_names());
             return Err(reject(Some(&id), "unknown_type", reason));
         };
         let vector = match self.embedding {
-            None => {
-                return Err(reject(
-                    Some(&id),
-                    "missing_embedding",
-                    "`embedding` is required".into(),
-                ))
-            }
+            None => return Err(reject(Some(&id), "missing_embedding", "`embedding` is required".into())),
             Some(Err(what)) => return Err(reject(Some(&id), "not_a_number", what)),
             Some(Ok(v)) => v,
         };
@@ -151,26 +116,17 @@ impl RawItem {
                 return Err(reject(Some(&id), "bad_metadata", reason));
             }
             Some(Ok(m)) => {
-                let clash = m.keys().find(|k| {
-                    RESERVED_FIELDS.contains(&k.as_str())
-                        || schema.parts().iter().any(|p| &p.field == *k)
-                });
+                let clash = m
+                    .keys()
+                    .find(|k| RESERVED_FIELDS.contains(&k.as_str()) || schema.parts().iter().any(|p| &p.field == *k));
                 if let Some(key) = clash {
-                    let reason =
-                        format!("`metadata` key {key:?} is a field embedjoin writes itself");
+                    let reason = format!("`metadata` key {key:?} is a field embedjoin writes itself");
                     return Err(reject(Some(&id), "bad_metadata", reason));
                 }
                 Some(m)
             }
         };
-        Ok(Part {
-            id,
-            slot,
-            vector,
-            metadata,
-            received_at: now,
-            ack: None,
-        })
+        Ok(Part { id, slot, vector, metadata, received_at: now, ack: None })
     }
 }
 
@@ -186,16 +142,11 @@ impl<'de> Deserialize<'de> for RawItem {
                 let mut item = RawItem::default();
                 while let Some(key) = map.next_key::<KeyName>()? {
                     match key {
-                        KeyName::Id => {
-                            item.id = Some(map.next_value::<Lenient<LString>>()?.0.map(|s| s.0))
-                        }
+                        KeyName::Id => item.id = Some(map.next_value::<Lenient<LString>>()?.0.map(|s| s.0)),
                         KeyName::Type => {
-                            item.embedding_type =
-                                Some(map.next_value::<Lenient<LString>>()?.0.map(|s| s.0))
+                            item.embedding_type = Some(map.next_value::<Lenient<LString>>()?.0.map(|s| s.0))
                         }
-                        KeyName::Embedding => {
-                            item.embedding = Some(map.next_value::<LenientVector>()?.0)
-                        }
+                        KeyName::Embedding => item.embedding = Some(map.next_value::<LenientVector>()?.0),
                         KeyName::Metadata => {
                             let meta = map.next_value::<Lenient<LObject>>()?.0;
                             // `"metadata": null` means no metadata.
@@ -321,9 +272,7 @@ impl<'de, T: Wanted> Deserialize<'de> for Lenient<T> {
                 Ok(Lenient(Err("an array".to_owned())))
             }
             fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
-                Ok(Lenient(
-                    T::from_map(map)?.ok_or_else(|| "an object".to_owned()),
-                ))
+                Ok(Lenient(T::from_map(map)?.ok_or_else(|| "an object".to_owned())))
             }
         }
         d.deserialize_any(V(std::marker::PhantomData))
@@ -361,46 +310,35 @@ impl<'de> Deserialize<'de> for LenientVector {
             /// Binary formats (MessagePack `bin`): little-endian f32s, decoded by a copy.
             fn visit_bytes<E: de::Error>(self, v: &[u8]) -> Result<LenientVector, E> {
                 if v.len() % 4 != 0 {
-                    let reason = format!("`embedding` bytes must be little-endian f32s; {} bytes is not a multiple of 4", v.len());
+                    let reason = format!(
+                        "`embedding` bytes must be little-endian f32s; {} bytes is not a multiple of 4",
+                        v.len()
+                    );
                     return Ok(LenientVector(Err(reason)));
                 }
                 Ok(LenientVector(Ok(v.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect())))
             }
             fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<LenientVector, A::Error> {
                 drop_map(map)?;
-                Ok(LenientVector(Err(
-                    "`embedding` must be an array of numbers, got an object".into(),
-                )))
+                Ok(LenientVector(Err("`embedding` must be an array of numbers, got an object".into())))
             }
             fn visit_str<E: de::Error>(self, _: &str) -> Result<LenientVector, E> {
-                Ok(LenientVector(Err(
-                    "`embedding` must be an array of numbers, got a string".into(),
-                )))
+                Ok(LenientVector(Err("`embedding` must be an array of numbers, got a string".into())))
             }
             fn visit_bool<E: de::Error>(self, _: bool) -> Result<LenientVector, E> {
-                Ok(LenientVector(Err(
-                    "`embedding` must be an array of numbers, got a boolean".into(),
-                )))
+                Ok(LenientVector(Err("`embedding` must be an array of numbers, got a boolean".into())))
             }
             fn visit_i64<E: de::Error>(self, _: i64) -> Result<LenientVector, E> {
-                Ok(LenientVector(Err(
-                    "`embedding` must be an array of numbers, got a number".into(),
-                )))
+                Ok(LenientVector(Err("`embedding` must be an array of numbers, got a number".into())))
             }
             fn visit_u64<E: de::Error>(self, _: u64) -> Result<LenientVector, E> {
-                Ok(LenientVector(Err(
-                    "`embedding` must be an array of numbers, got a number".into(),
-                )))
+                Ok(LenientVector(Err("`embedding` must be an array of numbers, got a number".into())))
             }
             fn visit_f64<E: de::Error>(self, _: f64) -> Result<LenientVector, E> {
-                Ok(LenientVector(Err(
-                    "`embedding` must be an array of numbers, got a number".into(),
-                )))
+                Ok(LenientVector(Err("`embedding` must be an array of numbers, got a number".into())))
             }
             fn visit_unit<E: de::Error>(self) -> Result<LenientVector, E> {
-                Ok(LenientVector(Err(
-                    "`embedding` must be an array of numbers, got null".into(),
-                )))
+                Ok(LenientVector(Err("`embedding` must be an array of numbers, got null".into())))
             }
         }
         d.deserialize_any(V)
@@ -502,26 +440,13 @@ mod tests {
 
     fn schema() -> Schema {
         Schema::new(&[
-            PartSettings {
-                type_name: "T".into(),
-                field: "t".into(),
-                dims: 3,
-            },
-            PartSettings {
-                type_name: "I".into(),
-                field: "i".into(),
-                dims: 2,
-            },
+            PartSettings { type_name: "T".into(), field: "t".into(), dims: 3 },
+            PartSettings { type_name: "I".into(), field: "i".into(), dims: 2 },
         ])
     }
 
     fn parse(v: serde_json::Value) -> (Vec<Part>, Vec<Rejection>) {
-        parse_batch(
-            v.to_string().as_bytes(),
-            &schema(),
-            Limits { max_id_bytes: 8 },
-        )
-        .unwrap()
+        parse_batch(v.to_string().as_bytes(), &schema(), Limits { max_id_bytes: 8 }).unwrap()
     }
 
     #[test]
@@ -568,11 +493,7 @@ mod tests {
                 (10, "not_a_number"),
             ]
         );
-        assert!(
-            rejected[2].reason.contains("embedding[1]"),
-            "{}",
-            rejected[2].reason
-        );
+        assert!(rejected[2].reason.contains("embedding[1]"), "{}", rejected[2].reason);
     }
 
     #[test]

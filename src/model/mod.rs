@@ -20,7 +20,7 @@ pub use document::Document;
 pub const MAX_PARTS: usize = 32;
 
 /// Document fields embedjoin writes itself; metadata and part fields may not use them.
-pub const RESERVED_FIELDS: &[&str] = &["id", "completed_at"];
+pub const RESERVED_FIELDS: &[&str] = &["id", "completed_at", "incomplete", "missing_parts"];
 
 /// Metadata attached to a part; merged into the top level of the document.
 pub type Metadata = Map<String, Value>;
@@ -35,19 +35,9 @@ pub struct Schema {
 
 impl Schema {
     pub fn new(parts: &[PartSettings]) -> Schema {
-        assert!(
-            !parts.is_empty() && parts.len() <= MAX_PARTS,
-            "validated by config"
-        );
-        let slot_by_type = parts
-            .iter()
-            .enumerate()
-            .map(|(i, p)| (p.type_name.clone(), i))
-            .collect();
-        Schema {
-            parts: parts.to_vec(),
-            slot_by_type,
-        }
+        assert!(!parts.is_empty() && parts.len() <= MAX_PARTS, "validated by config");
+        let slot_by_type = parts.iter().enumerate().map(|(i, p)| (p.type_name.clone(), i)).collect();
+        Schema { parts: parts.to_vec(), slot_by_type }
     }
 
     /// The slot of a part type, if it is configured.
@@ -82,11 +72,7 @@ impl Schema {
 
     /// Comma-separated type names, for error messages.
     pub fn type_names(&self) -> String {
-        self.parts
-            .iter()
-            .map(|p| p.type_name.as_str())
-            .collect::<Vec<_>>()
-            .join(", ")
+        self.parts.iter().map(|p| p.type_name.as_str()).collect::<Vec<_>>().join(", ")
     }
 }
 

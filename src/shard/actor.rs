@@ -27,7 +27,7 @@ use tokio::time::MissedTickBehavior;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::ShardSettings;
-use crate::metrics::{CompletedIn, CompletedLabels, Metrics};
+use crate::metrics::{CompletedIn, CompletedLabels, Metrics, ShardLabels};
 use crate::model::ack::ack_all;
 use crate::model::document::Partial;
 use crate::model::{Document, Part, Schema};
@@ -57,10 +57,7 @@ pub struct ShardHandle {
 
 impl ShardHandle {
     pub async fn send(&self, parts: Vec<Part>) -> Result<(), ShardClosed> {
-        self.tx
-            .send(ShardMsg::Parts(parts))
-            .await
-            .map_err(|_| ShardClosed)
+        self.tx.send(ShardMsg::Parts(parts)).await.map_err(|_| ShardClosed)
     }
 
     /// A slot in the mailbox, to send into without waiting.
@@ -70,20 +67,14 @@ impl ShardHandle {
 
     pub async fn flush(&self) -> Result<(), ShardClosed> {
         let (tx, rx) = oneshot::channel();
-        self.tx
-            .send(ShardMsg::Flush(tx))
-            .await
-            .map_err(|_| ShardClosed)?;
+        self.tx.send(ShardMsg::Flush(tx)).await.map_err(|_| ShardClosed)?;
         rx.await.map_err(|_| ShardClosed)
     }
 
     /// The slots of `id` held in memory (see [`ShardMsg::Inspect`]).
     pub async fn inspect(&self, id: String) -> Result<Option<u32>, ShardClosed> {
         let (tx, rx) = oneshot::channel();
-        self.tx
-            .send(ShardMsg::Inspect(id, tx))
-            .await
-            .map_err(|_| ShardClosed)?;
+        self.tx.send(ShardMsg::Inspect(id, tx)).await.map_err(|_| ShardClosed)?;
         rx.await.map_err(|_| ShardClosed)
     }
 }
@@ -182,6 +173,10 @@ impl ShardActor {
     }
 
     async fn handle(&mut self, msg: ShardMsg) {
+        self.metrics
+            .shard_mailbox_depth
+            .get_or_create(&ShardLabels { shard: self.index as u32 })
+            .set(self.rx.len() as i64);
         match msg {
             ShardMsg::Parts(parts) => self.apply(parts).await,
             ShardMsg::Flush(done) => {
@@ -222,9 +217,7 @@ impl ShardActor {
         }
         self.metrics
             .documents_completed
-            .get_or_create(&CompletedLabels {
-                path: CompletedIn::Memory,
-            })
+            .get_or_create(&CompletedLabels { path: CompletedIn::Memory })
             .inc_by(complete.len() as u64);
         self.send(complete).await;
         if self.partials.len() >= self.max_dirty {
@@ -237,11 +230,7 @@ impl ShardActor {
     /// Merges every dirty partial into the store and evicts it from memory, unless the
     /// store failed recently and its backoff has not passed.
     async fn flush(&mut self) {
-        if self.partials.is_empty()
-            || self
-                .retry_at
-                .is_some_and(|at| tokio::time::Instant::now() < at)
-        {
+        if self.partials.is_empty() || self.retry_at.is_some_and(|at| tokio::time::Instant::now() < at) {
             return;
         }
         let batch: Vec<(String, Partial)> = self.partials.drain().collect();
@@ -290,14 +279,10 @@ impl ShardActor {
         if self.failures == 0 {
             self.retry_at = None;
         }
-        self.metrics
-            .store_flush_seconds
-            .observe(started.elapsed().as_secs_f64());
+        self.metrics.store_flush_seconds.observe(started.elapsed().as_secs_f64());
         self.metrics
             .documents_completed
-            .get_or_create(&CompletedLabels {
-                path: CompletedIn::Store,
-            })
+            .get_or_create(&CompletedLabels { path: CompletedIn::Store })
             .inc_by(complete.len() as u64);
         self.report_resident();
         self.send(complete).await;
@@ -306,22 +291,15 @@ impl ShardActor {
     /// Moves the shared resident gauges by this shard's change since it last reported.
     fn report_resident(&mut self) {
         let now = (self.partials.len() as i64, self.bytes as i64);
-        self.metrics
-            .partials_resident
-            .inc_by(now.0 - self.reported.0);
-        self.metrics
-            .partial_bytes_resident
-            .inc_by(now.1 - self.reported.1);
+        self.metrics.partials_resident.inc_by(now.0 - self.reported.0);
+        self.metrics.partial_bytes_resident.inc_by(now.1 - self.reported.1);
         self.reported = now;
     }
 
     fn failed_flush(&mut self) {
         self.metrics.store_flush_failures.inc();
         self.failures += 1;
-        let backoff = self
-            .flush_interval
-            .saturating_mul(1 << self.failures.min(16))
-            .min(MAX_FLUSH_BACKOFF);
+        let backoff = self.flush_interval.saturating_mul(1 << self.failures.min(16)).min(MAX_FLUSH_BACKOFF);
         self.retry_at = Some(tokio::time::Instant::now() + backoff);
     }
 
@@ -337,8 +315,7 @@ impl ShardActor {
                 newer.maybe_stored = true;
                 newer.acks.extend(old.acks);
                 let mut added = 0;
-                for (slot, (vector, meta)) in old.vectors.into_iter().zip(old.metadata).enumerate()
-                {
+                for (slot, (vector, meta)) in old.vectors.into_iter().zip(old.metadata).enumerate() {
                     if newer.vectors[slot].is_none() {
                         added += vector.as_ref().map_or(0, |v| v.len() * 4);
                         newer.vectors[slot] = vector;
@@ -356,11 +333,7 @@ impl ShardActor {
         }
         if let Err(closed) = self.writer.send(docs).await {
             let ids: Vec<String> = closed.0.into_iter().map(|d| d.id).collect();
-            tracing::error!(
-                shard = self.index,
-                ?ids,
-                "Complete documents lost: the bulk writer has stopped."
-            );
+            tracing::error!(shard = self.index, ?ids, "Complete documents lost: the bulk writer has stopped.");
         }
     }
 }

@@ -26,9 +26,7 @@ pub struct Router {
 impl Router {
     pub fn new(shards: Vec<ShardHandle>) -> Router {
         assert!(!shards.is_empty());
-        Router {
-            shards: shards.into(),
-        }
+        Router { shards: shards.into() }
     }
 
     pub fn shard_count(&self) -> usize {
@@ -38,8 +36,7 @@ impl Router {
     /// The shard that owns `id`. Deterministic within a process (and across processes of
     /// the same build), which is all sharding needs: Redis reconciles across instances.
     pub fn shard_of(&self, id: &str) -> usize {
-        (BuildHasherDefault::<DefaultHasher>::default().hash_one(id) % self.shards.len() as u64)
-            as usize
+        (BuildHasherDefault::<DefaultHasher>::default().hash_one(id) % self.shards.len() as u64) as usize
     }
 
     /// Hands the parts to their shards, waiting as long as it takes for room in their

@@ -16,12 +16,7 @@ use crate::config::ElasticsearchSettings;
 use crate::model::Schema;
 
 /// Only what embedjoin reads of a bulk response; the rest is not sent back at all.
-const BULK_FILTER_PATH: &[&str] = &[
-    "errors",
-    "items.*.status",
-    "items.*.error.type",
-    "items.*.error.reason",
-];
+const BULK_FILTER_PATH: &[&str] = &["errors", "items.*.status", "items.*.error.type", "items.*.error.reason"];
 
 #[derive(Clone)]
 pub struct EsSink {
@@ -32,8 +27,7 @@ pub struct EsSink {
 
 impl EsSink {
     pub fn new(settings: &ElasticsearchSettings) -> Result<EsSink, SinkError> {
-        let url = url::Url::parse(&settings.url)
-            .map_err(|e| SinkError::Config(format!("elasticsearch.url: {e}")))?;
+        let url = url::Url::parse(&settings.url).map_err(|e| SinkError::Config(format!("elasticsearch.url: {e}")))?;
         let mut transport = TransportBuilder::new(SingleNodeConnectionPool::new(url))
             .timeout(settings.request_timeout)
             .request_body_compression(settings.compression)
@@ -41,14 +35,10 @@ impl EsSink {
         if !settings.api_key.is_empty() {
             transport = transport.auth(Credentials::EncodedApiKey(settings.api_key.expose().to_owned()));
         } else if !settings.username.is_empty() {
-            transport = transport.auth(Credentials::Basic(
-                settings.username.clone(),
-                settings.password.expose().to_owned(),
-            ));
+            transport =
+                transport.auth(Credentials::Basic(settings.username.clone(), settings.password.expose().to_owned()));
         }
-        let transport = transport
-            .build()
-            .map_err(|e| SinkError::Config(format!("elasticsearch: {e}")))?;
+        let transport = transport.build().map_err(|e| SinkError::Config(format!("elasticsearch: {e}")))?;
         Ok(EsSink {
             client: Elasticsearch::new(transport),
             index: settings.index.clone(),
@@ -68,20 +58,14 @@ impl EsSink {
             .await
             .map_err(|e| SinkError::Transport(with_causes(&e)))?;
         let status = response.status_code();
-        let bytes = response
-            .bytes()
-            .await
-            .map_err(|e| SinkError::Transport(with_causes(&e)))?;
+        let bytes = response.bytes().await.map_err(|e| SinkError::Transport(with_causes(&e)))?;
         if !status.is_success() {
             return Err(request_error(status, &bytes));
         }
         let parsed: BulkResponse = serde_json::from_slice(&bytes)
             .map_err(|e| SinkError::Protocol(format!("unreadable bulk response: {e}")))?;
         if parsed.items.len() != count {
-            return Err(SinkError::Protocol(format!(
-                "{} items in the response for {count} sent",
-                parsed.items.len()
-            )));
+            return Err(SinkError::Protocol(format!("{} items in the response for {count} sent", parsed.items.len())));
         }
         Ok(parsed
             .items
@@ -89,10 +73,7 @@ impl EsSink {
             .map(|item| {
                 let op = item.op;
                 let error = op.error.map(|e| (e.kind, e.reason.unwrap_or_default()));
-                ItemStatus {
-                    status: op.status,
-                    error,
-                }
+                ItemStatus { status: op.status, error }
             })
             .collect())
     }
@@ -109,12 +90,7 @@ impl EsSink {
         match exists.status_code() {
             StatusCode::OK => return Ok(()),
             StatusCode::NOT_FOUND => {}
-            other => {
-                return Err(request_error(
-                    other,
-                    &exists.bytes().await.unwrap_or_default(),
-                ))
-            }
+            other => return Err(request_error(other, &exists.bytes().await.unwrap_or_default())),
         }
         let mut properties = serde_json::Map::new();
         properties.insert("id".into(), serde_json::json!({"type": "keyword"}));
@@ -141,11 +117,7 @@ impl EsSink {
         let err = request_error(status, &response.bytes().await.unwrap_or_default());
         match &err {
             // Another instance created it first.
-            SinkError::Status { error_type, .. }
-                if error_type == "resource_already_exists_exception" =>
-            {
-                Ok(())
-            }
+            SinkError::Status { error_type, .. } if error_type == "resource_already_exists_exception" => Ok(()),
             _ => Err(err),
         }
     }
@@ -154,24 +126,14 @@ impl EsSink {
     pub async fn ping(&self) -> Result<(), SinkError> {
         let response = self
             .client
-            .send(
-                Method::Get,
-                "/",
-                Default::default(),
-                Option::<&()>::None,
-                Option::<&[u8]>::None,
-                Some(self.timeout),
-            )
+            .send(Method::Get, "/", Default::default(), Option::<&()>::None, Option::<&[u8]>::None, Some(self.timeout))
             .await
             .map_err(|e| SinkError::Transport(with_causes(&e)))?;
         let status = response.status_code();
         if status.is_success() {
             Ok(())
         } else {
-            Err(request_error(
-                status,
-                &response.bytes().await.unwrap_or_default(),
-            ))
+            Err(request_error(status, &response.bytes().await.unwrap_or_default()))
         }
     }
 }
@@ -228,14 +190,7 @@ fn request_error(status: StatusCode, body: &[u8]) -> SinkError {
             error["reason"].as_str().unwrap_or_default().to_owned(),
         ),
         serde_json::Value::String(s) => ("unknown".to_owned(), s.clone()),
-        _ => (
-            "unknown".to_owned(),
-            String::from_utf8_lossy(&body[..body.len().min(200)]).into_owned(),
-        ),
+        _ => ("unknown".to_owned(), String::from_utf8_lossy(&body[..body.len().min(200)]).into_owned()),
     };
-    SinkError::Status {
-        status: status.as_u16(),
-        error_type,
-        reason,
-    }
+    SinkError::Status { status: status.as_u16(), error_type, reason }
 }

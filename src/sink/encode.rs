@@ -26,6 +26,9 @@ pub fn encode_index_op(buf: &mut BytesMut, doc: &Document, schema: &Schema, vect
     w.json_str(&doc.id);
     let mut floats = ryu::Buffer::new();
     for (slot, vector) in doc.vectors.iter().enumerate() {
+        if vector.is_empty() {
+            continue; // a missing part of an incomplete document
+        }
         w.raw(b",\"");
         w.raw(schema.part(slot).field.as_bytes()); // validated: a plain name, no escaping needed
         match vectors {
@@ -49,6 +52,17 @@ pub fn encode_index_op(buf: &mut BytesMut, doc: &Document, schema: &Schema, vect
                 w.raw(b"\"");
             }
         }
+    }
+    if doc.vectors.iter().any(Vec::is_empty) {
+        w.raw(b",\"incomplete\":true,\"missing_parts\":[");
+        let missing = doc.vectors.iter().enumerate().filter(|(_, v)| v.is_empty());
+        for (i, (slot, _)) in missing.enumerate() {
+            if i > 0 {
+                w.raw(b",");
+            }
+            w.json_str(&schema.part(slot).type_name);
+        }
+        w.raw(b"]");
     }
     w.raw(b",\"completed_at\":\"");
     w.raw(rfc3339(doc.completed_at).as_bytes());
@@ -95,6 +109,30 @@ mod tests {
     use std::time::{Instant, SystemTime};
 
     #[test]
+    fn a_document_with_missing_parts_is_marked_incomplete() {
+        let schema = Schema::new(&[
+            PartSettings { type_name: "T".into(), field: "t".into(), dims: 1 },
+            PartSettings { type_name: "I".into(), field: "i".into(), dims: 1 },
+        ]);
+        let doc = Document {
+            id: "o".into(),
+            vectors: vec![vec![0.5], vec![]],
+            metadata: None,
+            completed_at: SystemTime::UNIX_EPOCH,
+            received_at: Instant::now(),
+            outbox: None,
+            acks: Vec::new(),
+        };
+        let mut buf = BytesMut::new();
+        let source = encode_index_op(&mut buf, &doc, &schema, VectorEncoding::Array);
+        let src: serde_json::Value = serde_json::from_slice(&buf[source]).unwrap();
+        assert_eq!(src["t"][0], 0.5);
+        assert!(src.get("i").is_none());
+        assert_eq!(src["incomplete"], true);
+        assert_eq!(src["missing_parts"], serde_json::json!(["I"]));
+    }
+
+    #[test]
     fn base64_vectors_are_big_endian_f32() {
         let schema = Schema::new(&[PartSettings { type_name: "T".into(), field: "v".into(), dims: 2 }]);
         let doc = Document {
@@ -116,23 +154,13 @@ mod tests {
     #[test]
     fn encodes_action_and_source_lines_that_round_trip() {
         let schema = Schema::new(&[
-            PartSettings {
-                type_name: "T".into(),
-                field: "text_embedding".into(),
-                dims: 2,
-            },
-            PartSettings {
-                type_name: "I".into(),
-                field: "image_embedding".into(),
-                dims: 1,
-            },
+            PartSettings { type_name: "T".into(), field: "text_embedding".into(), dims: 2 },
+            PartSettings { type_name: "I".into(), field: "image_embedding".into(), dims: 1 },
         ]);
         let doc = Document {
             id: "sku-\"1\"".into(),
             vectors: vec![vec![0.1, -3.5e-7], vec![16777216.0]],
-            metadata: serde_json::json!({"lang": "en", "n": [1, 2]})
-                .as_object()
-                .cloned(),
+            metadata: serde_json::json!({"lang": "en", "n": [1, 2]}).as_object().cloned(),
             completed_at: SystemTime::UNIX_EPOCH,
             received_at: Instant::now(),
             outbox: None,
@@ -148,10 +176,7 @@ mod tests {
         assert_eq!(action["index"]["_id"], "sku-\"1\"");
         assert_eq!(&buf[source.clone()], lines[1].as_bytes());
         let src: serde_json::Value = serde_json::from_str(lines[1]).unwrap();
-        assert_eq!(
-            src["text_embedding"][1].as_f64().unwrap() as f32,
-            -3.5e-7f32
-        );
+        assert_eq!(src["text_embedding"][1].as_f64().unwrap() as f32, -3.5e-7f32);
         assert_eq!(src["text_embedding"][0].as_f64().unwrap() as f32, 0.1f32);
         assert_eq!(src["image_embedding"][0], 16777216.0);
         assert_eq!(src["completed_at"], "1970-01-01T00:00:00.000Z");

@@ -36,11 +36,7 @@ pub enum SinkError {
     Transport(String),
     /// The sink answered the whole request with an error status.
     #[error("status {status} {error_type}: {reason}")]
-    Status {
-        status: u16,
-        error_type: String,
-        reason: String,
-    },
+    Status { status: u16, error_type: String, reason: String },
     /// The sink answered something embedjoin cannot read.
     #[error("protocol: {0}")]
     Protocol(String),
@@ -62,9 +58,9 @@ pub enum SinkClient {
 impl SinkClient {
     pub fn new(settings: &Settings) -> Result<SinkClient, SinkError> {
         match settings.sink.backend {
-            SinkBackend::Elasticsearch => Ok(SinkClient::Elasticsearch(
-                elasticsearch::EsSink::new(&settings.elasticsearch)?,
-            )),
+            SinkBackend::Elasticsearch => {
+                Ok(SinkClient::Elasticsearch(elasticsearch::EsSink::new(&settings.elasticsearch)?))
+            }
             SinkBackend::File => Ok(SinkClient::File(file::FileSink::new(&settings.file))),
             SinkBackend::Null => Ok(SinkClient::Null),
         }
@@ -74,8 +70,7 @@ impl SinkClient {
     pub async fn prepare(&self, settings: &Settings, schema: &Schema) -> Result<(), SinkError> {
         match self {
             SinkClient::Elasticsearch(es) if settings.elasticsearch.create_index => {
-                es.ensure_index(schema, settings.elasticsearch.similarity.as_str())
-                    .await
+                es.ensure_index(schema, settings.elasticsearch.similarity.as_str()).await
             }
             SinkClient::File(file) => file.open().await,
             SinkClient::Elasticsearch(_) | SinkClient::Null => Ok(()),

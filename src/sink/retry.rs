@@ -45,10 +45,7 @@ impl RetryPolicy {
 
     /// The wait before retry number `retry` (0-based): uniform in [0, min(max, initial * 2^retry)].
     pub fn backoff(&self, retry: u32) -> Duration {
-        let ceiling = self
-            .initial
-            .saturating_mul(1u32 << retry.min(20))
-            .min(self.max);
+        let ceiling = self.initial.saturating_mul(1u32 << retry.min(20)).min(self.max);
         ceiling.mul_f64(rand::rng().random::<f64>())
     }
 }
@@ -65,19 +62,13 @@ mod tests {
         es.retry_max_backoff = Duration::from_secs(1);
         let policy = RetryPolicy::new(&es);
         for retry in 0..30 {
-            let ceiling = Duration::from_millis(100)
-                .saturating_mul(1 << retry.min(20))
-                .min(Duration::from_secs(1));
+            let ceiling = Duration::from_millis(100).saturating_mul(1 << retry.min(20)).min(Duration::from_secs(1));
             assert!(policy.backoff(retry) <= ceiling);
         }
         assert!(policy.retries_status(429));
         assert!(policy.retries_status(503));
         assert!(!policy.retries_status(400));
         assert!(policy.retries_request(&SinkError::Transport("reset".into())));
-        assert!(!policy.retries_request(&SinkError::Status {
-            status: 413,
-            error_type: "x".into(),
-            reason: "".into()
-        }));
+        assert!(!policy.retries_request(&SinkError::Status { status: 413, error_type: "x".into(), reason: "".into() }));
     }
 }

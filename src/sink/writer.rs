@@ -158,6 +158,8 @@ impl BulkWriter {
             if closed && self.pending.is_empty() {
                 break;
             }
+            let waiting = self.pending.len() + self.batch.docs.len();
+            self.delivery.metrics.writer_queue_depth.set(waiting as i64);
             let deadline = self.batch.started.map(|s| s + self.interval).unwrap_or_else(Instant::now);
             let batch_due = !self.batch.docs.is_empty() && self.has_room();
             tokio::select! {
@@ -219,8 +221,12 @@ fn encode(schema: &Schema, vectors: VectorEncoding, docs: Vec<Document>) -> (Byt
         .map(|(mut doc, (op, source))| {
             let (op, acks, received_at) = (body.slice(op), std::mem::take(&mut doc.acks), doc.received_at);
             match doc.outbox.take() {
-                Some(token) => EncodedDoc { id: doc.id, op, source, received_at, outbox: Some(token), acks, parked: None },
-                None => EncodedDoc { id: doc.id.clone(), op, source, received_at, outbox: None, acks, parked: Some(doc) },
+                Some(token) => {
+                    EncodedDoc { id: doc.id, op, source, received_at, outbox: Some(token), acks, parked: None }
+                }
+                None => {
+                    EncodedDoc { id: doc.id.clone(), op, source, received_at, outbox: None, acks, parked: Some(doc) }
+                }
             }
         })
         .collect();
@@ -269,7 +275,13 @@ async fn deliver(ctx: Arc<Delivery>, docs: Vec<Document>) {
                         retry.push(doc);
                     } else {
                         let (error_type, reason) = if ctx.policy.retries_status(item.status) {
-                            ("retries_exhausted".to_owned(), format!("gave up after {item_attempts} attempts; last: {} {error_type}: {reason}", item.status))
+                            (
+                                "retries_exhausted".to_owned(),
+                                format!(
+                                    "gave up after {item_attempts} attempts; last: {} {error_type}: {reason}",
+                                    item.status
+                                ),
+                            )
                         } else {
                             (error_type, reason)
                         };
@@ -332,7 +344,9 @@ async fn deliver(ctx: Arc<Delivery>, docs: Vec<Document>) {
 
 fn count_failed_request(metrics: &Metrics, error: &SinkError) {
     match error {
-        SinkError::Status { status, .. } => metrics.bulk_requests.get_or_create(&StatusLabels { status: *status }).inc(),
+        SinkError::Status { status, .. } => {
+            metrics.bulk_requests.get_or_create(&StatusLabels { status: *status }).inc()
+        }
         _ => metrics.bulk_request_failures.inc(),
     };
 }

@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 use super::{DeadLetter, Orphan, StateStore};
 use crate::config::{OrphanAction, Settings};
 use crate::metrics::Metrics;
-use crate::model::Schema;
+use crate::model::{Document, Schema};
 use crate::sink::writer::WriterHandle;
 
 /// Most entries handled per kind and round.
@@ -114,6 +114,28 @@ impl Maintenance {
             OrphanAction::Drop => {
                 let ids: Vec<&str> = orphans.iter().map(|o| o.id.as_str()).collect();
                 tracing::info!(count = ids.len(), ?ids, "Dropped partial items that did not complete in time.");
+            }
+            OrphanAction::Index => {
+                let docs: Vec<Document> = orphans
+                    .into_iter()
+                    .map(|o| Document {
+                        id: o.id,
+                        vectors: o.vectors.into_iter().map(Option::unwrap_or_default).collect(),
+                        metadata: o.metadata,
+                        completed_at: SystemTime::now(),
+                        received_at: std::time::Instant::now(),
+                        outbox: None,
+                        acks: Vec::new(),
+                    })
+                    .collect();
+                tracing::info!(
+                    count = docs.len(),
+                    "Indexing partial items that did not complete in time, marked incomplete."
+                );
+                if let Err(closed) = self.writer.send(docs).await {
+                    let ids: Vec<String> = closed.0.into_iter().map(|d| d.id).collect();
+                    tracing::error!(?ids, "Orphans lost: the bulk writer has stopped.");
+                }
             }
             OrphanAction::DeadLetter => {
                 let letters: Vec<DeadLetter> = orphans.iter().map(|o| self.letter(o)).collect();

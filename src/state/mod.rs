@@ -121,20 +121,15 @@ pub enum StateStore {
 impl StateStore {
     pub async fn connect(settings: &Settings, schema: &Schema) -> Result<StateStore, StateError> {
         match settings.state.backend {
-            StateBackend::Redis => Ok(StateStore::Redis(
-                redis::RedisStore::connect(&settings.redis, schema).await?,
-            )),
-            StateBackend::Embedded => Ok(StateStore::Embedded(
-                embedded::EmbeddedStore::open(&settings.embedded, schema).await?,
-            )),
+            StateBackend::Redis => Ok(StateStore::Redis(redis::RedisStore::connect(&settings.redis, schema).await?)),
+            StateBackend::Embedded => {
+                Ok(StateStore::Embedded(embedded::EmbeddedStore::open(&settings.embedded, schema).await?))
+            }
         }
     }
 
     /// Merges each partial atomically; one outcome per input, in order.
-    pub async fn merge(
-        &self,
-        batch: &[(String, Partial)],
-    ) -> Result<Vec<MergeOutcome>, StateError> {
+    pub async fn merge(&self, batch: &[(String, Partial)]) -> Result<Vec<MergeOutcome>, StateError> {
         match self {
             StateStore::Redis(s) => s.merge(batch).await,
             StateStore::Embedded(s) => s.merge(batch).await,

@@ -251,15 +251,11 @@ impl RedisStore {
         Ok(())
     }
 
-    /// Takes up to `limit` outbox entries completed (or last claimed) more than `older_than`
-    /// ago, and marks them claimed now, so that other instances leave them alone for a while.
-    pub async fn claim_outbox(&self, older_than: Duration, limit: usize) -> Result<Vec<Document>, StateError> {
-        let index = self.outbox_index();
-        let now = now_ms();
-        let deadline = now.saturating_sub(older_than.as_millis() as u64);
+    /// Up to `limit` members of a sorted-set index with a score (ms) at most `deadline`.
+    async fn ids_up_to(&self, index: &str, deadline: u64, limit: usize) -> Result<Vec<String>, StateError> {
         let mut conn = self.conn.clone();
-        let ids: Vec<String> = redis::cmd("ZRANGE")
-            .arg(&index)
+        let ids = redis::cmd("ZRANGE")
+            .arg(index)
             .arg("-inf")
             .arg(deadline)
             .arg("BYSCORE")
@@ -268,6 +264,16 @@ impl RedisStore {
             .arg(limit)
             .query_async(&mut conn)
             .await?;
+        Ok(ids)
+    }
+
+    /// Takes up to `limit` outbox entries completed (or last claimed) more than `older_than`
+    /// ago, and marks them claimed now, so that other instances leave them alone for a while.
+    pub async fn claim_outbox(&self, older_than: Duration, limit: usize) -> Result<Vec<Document>, StateError> {
+        let index = self.outbox_index();
+        let now = now_ms();
+        let deadline = now.saturating_sub(older_than.as_millis() as u64);
+        let ids = self.ids_up_to(&index, deadline, limit).await?;
         if ids.is_empty() {
             return Ok(Vec::new());
         }
@@ -289,6 +295,7 @@ impl RedisStore {
             }
         }
         if !gone.is_empty() {
+            let mut conn = self.conn.clone();
             let _: () = redis::cmd("ZREM").arg(&index).arg(&gone).query_async(&mut conn).await?;
         }
         Ok(docs)
@@ -298,17 +305,7 @@ impl RedisStore {
     pub async fn take_orphans(&self, older_than: Duration, limit: usize) -> Result<Vec<Orphan>, StateError> {
         let index = self.partial_index();
         let deadline = now_ms().saturating_sub(older_than.as_millis() as u64);
-        let mut conn = self.conn.clone();
-        let ids: Vec<String> = redis::cmd("ZRANGE")
-            .arg(&index)
-            .arg("-inf")
-            .arg(deadline)
-            .arg("BYSCORE")
-            .arg("LIMIT")
-            .arg(0)
-            .arg(limit)
-            .query_async(&mut conn)
-            .await?;
+        let ids = self.ids_up_to(&index, deadline, limit).await?;
         if ids.is_empty() {
             return Ok(Vec::new());
         }
@@ -379,7 +376,9 @@ impl RedisStore {
             .into_iter()
             .enumerate()
             .map(|(slot, v)| {
-                v.ok_or_else(|| StateError::Protocol(format!("{id}: completed without {}", self.schema.part(slot).type_name)))
+                v.ok_or_else(|| {
+                    StateError::Protocol(format!("{id}: completed without {}", self.schema.part(slot).type_name))
+                })
             })
             .collect::<Result<Vec<_>, _>>()?;
         Ok(Document {
@@ -403,10 +402,8 @@ impl RedisStore {
         pipe.cmd("HEXISTS").arg(self.outbox_key(id)).arg(DONE_FIELD);
         let mut conn = self.conn.clone();
         let (fields, in_outbox): (Vec<String>, bool) = pipe.query_async(&mut conn).await?;
-        let partial = fields
-            .iter()
-            .filter_map(|field| self.schema.slot_of(field))
-            .fold(0, |mask, slot| mask | (1 << slot));
+        let partial =
+            fields.iter().filter_map(|field| self.schema.slot_of(field)).fold(0, |mask, slot| mask | (1 << slot));
         Ok(StoredItem { partial, in_outbox })
     }
 

@@ -43,9 +43,17 @@ async fn each_bad_item_is_reported_by_index_and_the_valid_ones_are_indexed() {
         .collect();
     assert_eq!(
         rejected,
-        vec![(1, "unknown_type"), (2, "wrong_dims"), (3, "not_a_number"), (4, "bad_id"), (5, "id_too_long"), (7, "missing_embedding")]
+        vec![
+            (1, "unknown_type"),
+            (2, "wrong_dims"),
+            (3, "not_a_number"),
+            (4, "bad_id"),
+            (5, "id_too_long"),
+            (7, "missing_embedding")
+        ]
     );
-    let reasons: Vec<&str> = body["rejected"].as_array().unwrap().iter().map(|r| r["reason"].as_str().unwrap()).collect();
+    let reasons: Vec<&str> =
+        body["rejected"].as_array().unwrap().iter().map(|r| r["reason"].as_str().unwrap()).collect();
     assert!(reasons[0].contains("EMBEDDINGS_AUDIO") && reasons[0].contains("EMBEDDINGS_TEXT"), "{}", reasons[0]);
     assert!(reasons[1].contains("384") && reasons[1].contains("383"), "{}", reasons[1]);
     assert!(reasons[2].contains("embedding[5]"), "{}", reasons[2]);
@@ -65,9 +73,18 @@ async fn requests_that_cannot_be_read_get_a_json_error() {
     settings.http.max_batch_items = 10;
     let app = spawn_app(settings).await;
 
-    assert_eq!(error_code(app.post_raw("{\"embeddings\": [", "application/json").await).await, (400, "malformed_json".into()));
-    assert_eq!(error_code(app.post_raw("{\"items\": []}", "application/json").await).await, (400, "malformed_json".into()));
-    assert_eq!(error_code(app.post_raw("embeddings=1", "application/x-www-form-urlencoded").await).await, (400, "unsupported_content_type".into()));
+    assert_eq!(
+        error_code(app.post_raw("{\"embeddings\": [", "application/json").await).await,
+        (400, "malformed_json".into())
+    );
+    assert_eq!(
+        error_code(app.post_raw("{\"items\": []}", "application/json").await).await,
+        (400, "malformed_json".into())
+    );
+    assert_eq!(
+        error_code(app.post_raw("embeddings=1", "application/x-www-form-urlencoded").await).await,
+        (400, "unsupported_content_type".into())
+    );
     assert_eq!(error_code(app.post_json(&json!({"embeddings": []})).await).await, (400, "empty_batch".into()));
     let big = json!({"embeddings": (0..50).map(|i| item(&format!("b{i}"), TEXT, 384)).collect::<Vec<_>>()});
     assert_eq!(error_code(app.post_json(&big).await).await, (413, "body_too_large".into()));

@@ -64,7 +64,8 @@ async fn send_with_retries(
     let queue = Arc::new(Mutex::new(batches));
     let mut tasks = tokio::task::JoinSet::new();
     for _ in 0..workers {
-        let (queue, target, acked, tally, sent) = (queue.clone(), target.clone(), acked.clone(), tally.clone(), sent.clone());
+        let (queue, target, acked, tally, sent) =
+            (queue.clone(), target.clone(), acked.clone(), tally.clone(), sent.clone());
         tasks.spawn(async move {
             let http = reqwest::Client::new();
             loop {
@@ -135,7 +136,8 @@ async fn a_failing_document_is_dead_lettered_with_its_reason_and_the_rest_indexe
     let mut conn = redis.connection().await;
     let deadline = Instant::now() + Duration::from_secs(30);
     let letters: Vec<String> = loop {
-        let l: Vec<String> = redis::cmd("LRANGE").arg("embedjoin:deadletter").arg(0).arg(-1).query_async(&mut conn).await.unwrap();
+        let l: Vec<String> =
+            redis::cmd("LRANGE").arg("embedjoin:deadletter").arg(0).arg(-1).query_async(&mut conn).await.unwrap();
         if !l.is_empty() || Instant::now() > deadline {
             break l;
         }
@@ -166,7 +168,8 @@ async fn redis_killed_mid_load_loses_no_acknowledged_part_in_persisted_mode() {
     let ids: Vec<String> = (0..3_000).map(|i| format!("r-{i}")).collect();
     let batches = shuffled_batches(&ids, 50, 2);
     let total = batches.len();
-    let (acked, tally, sent) = (Arc::default(), Arc::new(Mutex::new(ClientTally::default())), Arc::new(Default::default()));
+    let (acked, tally, sent) =
+        (Arc::default(), Arc::new(Mutex::new(ClientTally::default())), Arc::new(Default::default()));
     let load = tokio::spawn(send_with_retries(
         batches,
         4,
@@ -176,9 +179,13 @@ async fn redis_killed_mid_load_loses_no_acknowledged_part_in_persisted_mode() {
         tally.clone(),
         Arc::clone(&sent),
     ));
-    until(Duration::from_secs(60), "a third of the load acknowledged", || tally.lock().unwrap().acknowledged >= total / 3).await;
+    until(Duration::from_secs(60), "a third of the load acknowledged", || {
+        tally.lock().unwrap().acknowledged >= total / 3
+    })
+    .await;
     redis.kill();
-    until(Duration::from_secs(30), "clients see 503 while Redis is down", || tally.lock().unwrap().unavailable > 0).await;
+    until(Duration::from_secs(30), "clients see 503 while Redis is down", || tally.lock().unwrap().unavailable > 0)
+        .await;
     redis.restart().await;
     load.await.unwrap();
 
@@ -217,7 +224,8 @@ async fn a_killed_instance_leaves_every_acknowledged_item_recoverable_by_the_nex
     let batches = shuffled_batches(&ids, 50, 3);
     let total = batches.len();
     let target = Arc::new(Mutex::new(first.address.clone()));
-    let (acked, tally, sent) = (Arc::default(), Arc::new(Mutex::new(ClientTally::default())), Arc::new(Default::default()));
+    let (acked, tally, sent) =
+        (Arc::default(), Arc::new(Mutex::new(ClientTally::default())), Arc::new(Default::default()));
     let load = tokio::spawn(send_with_retries(
         batches,
         4,
@@ -227,7 +235,8 @@ async fn a_killed_instance_leaves_every_acknowledged_item_recoverable_by_the_nex
         tally.clone(),
         Arc::clone(&sent),
     ));
-    until(Duration::from_secs(60), "half of the load acknowledged", || tally.lock().unwrap().acknowledged >= total / 2).await;
+    until(Duration::from_secs(60), "half of the load acknowledged", || tally.lock().unwrap().acknowledged >= total / 2)
+        .await;
     first.kill();
     let acked_at_crash = fully_acknowledged(&acked.lock().unwrap(), &ids);
     let second = ServiceProcess::start(&env).await;
@@ -265,7 +274,8 @@ async fn sigterm_mid_load_exits_cleanly_and_keeps_everything_acknowledged() {
         })
         .collect();
     let total = batches.len();
-    let (acked, tally, sent) = (Arc::default(), Arc::new(Mutex::new(ClientTally::default())), Arc::new(Default::default()));
+    let (acked, tally, sent) =
+        (Arc::default(), Arc::new(Mutex::new(ClientTally::default())), Arc::new(Default::default()));
     let load = tokio::spawn(send_with_retries(
         batches,
         4,
@@ -275,7 +285,10 @@ async fn sigterm_mid_load_exits_cleanly_and_keeps_everything_acknowledged() {
         tally.clone(),
         Arc::clone(&sent),
     ));
-    until(Duration::from_secs(60), "a third of the load acknowledged", || tally.lock().unwrap().acknowledged >= total / 3).await;
+    until(Duration::from_secs(60), "a third of the load acknowledged", || {
+        tally.lock().unwrap().acknowledged >= total / 3
+    })
+    .await;
     let status = service.terminate(Duration::from_secs(60)).await;
     assert!(status.success(), "exit status {status}");
     load.await.unwrap();
@@ -340,7 +353,9 @@ async fn overload_answers_503_keeps_memory_capped_and_loses_nothing_acknowledged
     standin.faults().set_latency(Duration::ZERO);
     let tally = Mutex::new(ClientTally::default());
     for batch in &refused {
-        assert!(post_until_acknowledged(&http, || app.address.clone(), &batch.items, Duration::from_secs(60), &tally).await);
+        assert!(
+            post_until_acknowledged(&http, || app.address.clone(), &batch.items, Duration::from_secs(60), &tally).await
+        );
     }
     assert_indexed_exactly(&es, &ids).await;
     app.stop().await.unwrap();
@@ -367,8 +382,7 @@ async fn four_instances_with_duplicates_index_every_item_with_its_vectors() {
     }
     let ids: Vec<String> = (0..2_000).map(|i| format!("q-{i}")).collect();
     let mut rng = rand::rngs::StdRng::seed_from_u64(5);
-    let mut parts: Vec<Value> =
-        ids.iter().flat_map(|id| DIMS.iter().map(move |(p, d)| item(id, p, *d))).collect();
+    let mut parts: Vec<Value> = ids.iter().flat_map(|id| DIMS.iter().map(move |(p, d)| item(id, p, *d))).collect();
     let again: Vec<Value> = parts.iter().filter(|_| rand::Rng::random_bool(&mut rng, 0.25)).cloned().collect();
     let duplicates = again.len();
     parts.extend(again);
@@ -387,4 +401,40 @@ async fn four_instances_with_duplicates_index_every_item_with_its_vectors() {
         app.stop().await.unwrap();
     }
     assert_eq!(crate::end_to_end::complete_items_left_in_redis(&redis).await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn orphans_are_indexed_incomplete_or_dead_lettered_as_configured() {
+    use embedjoin::config::OrphanAction;
+    for action in [OrphanAction::Index, OrphanAction::DeadLetter] {
+        let (redis, es) = (RedisServer::start().await, EsTarget::start().await);
+        let mut settings = test_settings(&redis, &es);
+        settings.redis.partial_ttl = Duration::from_secs(1);
+        settings.durability.maintenance_interval = Duration::from_millis(100);
+        settings.durability.orphans = action;
+        let app = spawn_app(settings).await;
+        post_all(&[&app], vec![vec![item("lonely", TEXT, 384)]], 1).await;
+        match action {
+            OrphanAction::Index => {
+                assert_eq!(es.wait_for_count(1, Duration::from_secs(30)).await, 1);
+                let doc = es.doc("lonely").await.unwrap().source;
+                assert_eq!(doc["incomplete"], true);
+                assert_eq!(doc["missing_parts"], serde_json::json!([IMAGE]));
+                assert_eq!(doc["text_embedding"].as_array().unwrap().len(), 384);
+                assert!(doc.get("image_embedding").is_none());
+            }
+            _ => {
+                let deadline = Instant::now() + Duration::from_secs(30);
+                while dead_letters(&redis).await == 0 {
+                    assert!(Instant::now() < deadline, "the orphan was never dead-lettered");
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                assert_eq!(es.count().await, 0);
+            }
+        }
+        let text = app.http.get(format!("{}/metrics", app.address)).send().await.unwrap().text().await.unwrap();
+        assert_eq!(metric(&text, "embedjoin_orphans_expired_total"), 1.0, "{action:?}");
+        app.stop().await.unwrap();
+        assert!(crate::end_to_end::redis_keys(&redis).await.iter().all(|k| !k.contains("{lonely}")));
+    }
 }

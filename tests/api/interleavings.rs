@@ -29,7 +29,11 @@ fn random_ops(rng: &mut StdRng, ids: usize, len: usize) -> Vec<Op> {
             if rng.random_bool(0.15) {
                 Op::Flush { instance: rng.random_range(0..2) }
             } else {
-                Op::Send { instance: rng.random_range(0..2), id: rng.random_range(0..ids), slot: rng.random_range(0..PARTS.len()) }
+                Op::Send {
+                    instance: rng.random_range(0..2),
+                    id: rng.random_range(0..ids),
+                    slot: rng.random_range(0..PARTS.len()),
+                }
             }
         })
         .collect()
@@ -44,7 +48,10 @@ async fn any_interleaving_of_parts_instances_and_flushes_yields_exactly_the_comp
         let mut rng = StdRng::seed_from_u64(seed);
         let es = EsTarget::start().await;
         let mut settings = test_settings(&redis, &es);
-        settings.parts = PARTS.iter().map(|(t, f, d)| PartSettings { type_name: t.to_string(), field: f.to_string(), dims: *d }).collect();
+        settings.parts = PARTS
+            .iter()
+            .map(|(t, f, d)| PartSettings { type_name: t.to_string(), field: f.to_string(), dims: *d })
+            .collect();
         settings.redis.key_prefix = format!("case{case}:");
         settings.shards.flush_interval = Duration::from_secs(3600); // flushes only when the test says
         settings.shards.max_dirty = 1_000_000;
@@ -85,7 +92,11 @@ async fn any_interleaving_of_parts_instances_and_flushes_yields_exactly_the_comp
         assert_eq!(got, want, "case {case} (seed {seed}): the index holds exactly the complete items");
         for id in &complete {
             for (type_name, field, dims) in PARTS {
-                assert_eq!(stored_vector(&indexed[id].source, field), vector(id, type_name, dims, 0), "case {case}: {id} {field}");
+                assert_eq!(
+                    stored_vector(&indexed[id].source, field),
+                    vector(id, type_name, dims, 0),
+                    "case {case}: {id} {field}"
+                );
             }
         }
         let mut conn = redis.connection().await;

@@ -24,5 +24,10 @@ pub fn batch(items: Vec<Value>) -> Value {
 
 /// Reads a stored vector back as f32s.
 pub fn stored_vector(source: &Value, field: &str) -> Vec<f32> {
-    source[field].as_array().unwrap_or_else(|| panic!("{field} missing in {source}")).iter().map(|x| x.as_f64().unwrap() as f32).collect()
+    source[field]
+        .as_array()
+        .unwrap_or_else(|| panic!("{field} missing in {source}"))
+        .iter()
+        .map(|x| x.as_f64().unwrap() as f32)
+        .collect()
 }

@@ -28,7 +28,9 @@ impl EsTarget {
         let index = format!("embedjoin-test-{:08x}", rand::random::<u32>());
         let http = reqwest::Client::new();
         match std::env::var("EMBEDJOIN_TEST_ES_URL") {
-            Ok(url) if !url.is_empty() => EsTarget { url: url.trim_end_matches('/').to_owned(), index, standin: None, http },
+            Ok(url) if !url.is_empty() => {
+                EsTarget { url: url.trim_end_matches('/').to_owned(), index, standin: None, http }
+            }
             _ => {
                 let standin = EsStandin::start().await;
                 EsTarget { url: standin.url(), index, standin: Some(standin), http }

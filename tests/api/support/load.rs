@@ -14,7 +14,8 @@ pub async fn post_all(apps: &[&TestApp], batches: Vec<Vec<Value>>, concurrency: 
     let mut tasks = tokio::task::JoinSet::new();
     for _ in 0..concurrency {
         let queue = queue.clone();
-        let targets: Vec<(String, reqwest::Client)> = apps.iter().map(|a| (a.address.clone(), a.http.clone())).collect();
+        let targets: Vec<(String, reqwest::Client)> =
+            apps.iter().map(|a| (a.address.clone(), a.http.clone())).collect();
         tasks.spawn(async move {
             loop {
                 let Some((n, items)) = queue.lock().unwrap().pop() else { return };
