@@ -104,7 +104,7 @@ fn describe(schema: &Schema, id: String, memory: u32, store: u32, in_outbox: boo
 fn unknown(id: &str) -> ApiError {
     // The id is echoed as JSON (escaped), truncated so that the error stays small.
     let shown: String = id.chars().take(64).collect();
-    ApiError::NotFound(format!("nothing is known of item {shown:?}: no part held in memory or in the state store"))
+    ApiError::NotFound(format!("nothing is known of item {shown:?}: no part held in memory or in the state store (documents already handed to the sink are not tracked: look in the index)"))
 }
 
 #[cfg(test)]

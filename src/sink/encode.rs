@@ -108,21 +108,25 @@ mod tests {
     use crate::config::PartSettings;
     use std::time::{Instant, SystemTime};
 
+    fn doc(id: &str, vectors: Vec<Vec<f32>>, metadata: Option<crate::model::Metadata>) -> Document {
+        Document {
+            id: id.into(),
+            vectors,
+            metadata,
+            completed_at: SystemTime::UNIX_EPOCH,
+            received_at: Instant::now(),
+            outbox: None,
+            acks: Vec::new(),
+        }
+    }
+
     #[test]
     fn a_document_with_missing_parts_is_marked_incomplete() {
         let schema = Schema::new(&[
             PartSettings { type_name: "T".into(), field: "t".into(), dims: 1 },
             PartSettings { type_name: "I".into(), field: "i".into(), dims: 1 },
         ]);
-        let doc = Document {
-            id: "o".into(),
-            vectors: vec![vec![0.5], vec![]],
-            metadata: None,
-            completed_at: SystemTime::UNIX_EPOCH,
-            received_at: Instant::now(),
-            outbox: None,
-            acks: Vec::new(),
-        };
+        let doc = doc("o", vec![vec![0.5], vec![]], None);
         let mut buf = BytesMut::new();
         let source = encode_index_op(&mut buf, &doc, &schema, VectorEncoding::Array);
         let src: serde_json::Value = serde_json::from_slice(&buf[source]).unwrap();
@@ -135,15 +139,7 @@ mod tests {
     #[test]
     fn base64_vectors_are_big_endian_f32() {
         let schema = Schema::new(&[PartSettings { type_name: "T".into(), field: "v".into(), dims: 2 }]);
-        let doc = Document {
-            id: "b".into(),
-            vectors: vec![vec![1.0, -0.5]],
-            metadata: None,
-            completed_at: SystemTime::UNIX_EPOCH,
-            received_at: Instant::now(),
-            outbox: None,
-            acks: Vec::new(),
-        };
+        let doc = doc("b", vec![vec![1.0, -0.5]], None);
         let mut buf = BytesMut::new();
         let source = encode_index_op(&mut buf, &doc, &schema, VectorEncoding::Base64);
         let src: serde_json::Value = serde_json::from_slice(&buf[source]).unwrap();
@@ -157,15 +153,11 @@ mod tests {
             PartSettings { type_name: "T".into(), field: "text_embedding".into(), dims: 2 },
             PartSettings { type_name: "I".into(), field: "image_embedding".into(), dims: 1 },
         ]);
-        let doc = Document {
-            id: "sku-\"1\"".into(),
-            vectors: vec![vec![0.1, -3.5e-7], vec![16777216.0]],
-            metadata: serde_json::json!({"lang": "en", "n": [1, 2]}).as_object().cloned(),
-            completed_at: SystemTime::UNIX_EPOCH,
-            received_at: Instant::now(),
-            outbox: None,
-            acks: Vec::new(),
-        };
+        let doc = doc(
+            "sku-\"1\"",
+            vec![vec![0.1, -3.5e-7], vec![16777216.0]],
+            serde_json::json!({"lang": "en", "n": [1, 2]}).as_object().cloned(),
+        );
         let mut buf = BytesMut::new();
         let source = encode_index_op(&mut buf, &doc, &schema, VectorEncoding::Array);
         let text = std::str::from_utf8(&buf).unwrap();

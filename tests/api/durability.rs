@@ -50,6 +50,19 @@ async fn dead_letters(redis: &RedisServer) -> usize {
     redis::cmd("LLEN").arg("embedjoin:deadletter").query_async(&mut conn).await.unwrap()
 }
 
+/// A load running in the background, and what its clients saw so far.
+struct Load {
+    task: tokio::task::JoinHandle<()>,
+    acked: Arc<Mutex<HashSet<(String, &'static str)>>>,
+    tally: Arc<Mutex<ClientTally>>,
+}
+
+fn start_load(batches: Vec<Batch>, workers: usize, target: Arc<Mutex<String>>, patience: Duration) -> Load {
+    let (acked, tally) = (Arc::default(), Arc::new(Mutex::new(ClientTally::default())));
+    let task = tokio::spawn(send_with_retries(batches, workers, target, patience, Arc::clone(&acked), tally.clone()));
+    Load { task, acked, tally }
+}
+
 /// Sends batches from `workers` concurrent clients to whichever address `target` gives at
 /// the time, each batch until acknowledged; records acknowledged parts.
 async fn send_with_retries(
@@ -59,13 +72,11 @@ async fn send_with_retries(
     patience: Duration,
     acked: Arc<Mutex<HashSet<(String, &'static str)>>>,
     tally: Arc<Mutex<ClientTally>>,
-    sent: Arc<std::sync::atomic::AtomicUsize>,
 ) {
     let queue = Arc::new(Mutex::new(batches));
     let mut tasks = tokio::task::JoinSet::new();
     for _ in 0..workers {
-        let (queue, target, acked, tally, sent) =
-            (queue.clone(), target.clone(), acked.clone(), tally.clone(), sent.clone());
+        let (queue, target, acked, tally) = (queue.clone(), target.clone(), acked.clone(), tally.clone());
         tasks.spawn(async move {
             let http = reqwest::Client::new();
             loop {
@@ -74,7 +85,6 @@ async fn send_with_retries(
                 if post_until_acknowledged(&http, address, &batch.items, patience, &tally).await {
                     acked.lock().unwrap().extend(batch.parts.iter().cloned());
                 }
-                sent.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             }
         });
     }
@@ -168,17 +178,8 @@ async fn redis_killed_mid_load_loses_no_acknowledged_part_in_persisted_mode() {
     let ids: Vec<String> = (0..3_000).map(|i| format!("r-{i}")).collect();
     let batches = shuffled_batches(&ids, 50, 2);
     let total = batches.len();
-    let (acked, tally, sent) =
-        (Arc::default(), Arc::new(Mutex::new(ClientTally::default())), Arc::new(Default::default()));
-    let load = tokio::spawn(send_with_retries(
-        batches,
-        4,
-        Arc::new(Mutex::new(app.address.clone())),
-        Duration::from_secs(90),
-        Arc::clone(&acked),
-        tally.clone(),
-        Arc::clone(&sent),
-    ));
+    let load = start_load(batches, 4, Arc::new(Mutex::new(app.address.clone())), Duration::from_secs(90));
+    let (acked, tally) = (load.acked.clone(), load.tally.clone());
     until(Duration::from_secs(60), "a third of the load acknowledged", || {
         tally.lock().unwrap().acknowledged >= total / 3
     })
@@ -187,7 +188,7 @@ async fn redis_killed_mid_load_loses_no_acknowledged_part_in_persisted_mode() {
     until(Duration::from_secs(30), "clients see 503 while Redis is down", || tally.lock().unwrap().unavailable > 0)
         .await;
     redis.restart().await;
-    load.await.unwrap();
+    load.task.await.unwrap();
 
     let acked = acked.lock().unwrap().clone();
     let complete = fully_acknowledged(&acked, &ids);
@@ -224,24 +225,15 @@ async fn a_killed_instance_leaves_every_acknowledged_item_recoverable_by_the_nex
     let batches = shuffled_batches(&ids, 50, 3);
     let total = batches.len();
     let target = Arc::new(Mutex::new(first.address.clone()));
-    let (acked, tally, sent) =
-        (Arc::default(), Arc::new(Mutex::new(ClientTally::default())), Arc::new(Default::default()));
-    let load = tokio::spawn(send_with_retries(
-        batches,
-        4,
-        target.clone(),
-        Duration::from_secs(90),
-        Arc::clone(&acked),
-        tally.clone(),
-        Arc::clone(&sent),
-    ));
+    let load = start_load(batches, 4, target.clone(), Duration::from_secs(90));
+    let (acked, tally) = (load.acked.clone(), load.tally.clone());
     until(Duration::from_secs(60), "half of the load acknowledged", || tally.lock().unwrap().acknowledged >= total / 2)
         .await;
     first.kill();
     let acked_at_crash = fully_acknowledged(&acked.lock().unwrap(), &ids);
     let second = ServiceProcess::start(&env).await;
     *target.lock().unwrap() = second.address.clone();
-    load.await.unwrap();
+    load.task.await.unwrap();
 
     // Everything acknowledged before the crash is indexed, then everything else too.
     assert_indexed_exactly(&es, &ids).await;
@@ -274,24 +266,15 @@ async fn sigterm_mid_load_exits_cleanly_and_keeps_everything_acknowledged() {
         })
         .collect();
     let total = batches.len();
-    let (acked, tally, sent) =
-        (Arc::default(), Arc::new(Mutex::new(ClientTally::default())), Arc::new(Default::default()));
-    let load = tokio::spawn(send_with_retries(
-        batches,
-        4,
-        Arc::new(Mutex::new(service.address.clone())),
-        Duration::from_millis(500),
-        Arc::clone(&acked),
-        tally.clone(),
-        Arc::clone(&sent),
-    ));
+    let load = start_load(batches, 4, Arc::new(Mutex::new(service.address.clone())), Duration::from_millis(500));
+    let (acked, tally) = (load.acked.clone(), load.tally.clone());
     until(Duration::from_secs(60), "a third of the load acknowledged", || {
         tally.lock().unwrap().acknowledged >= total / 3
     })
     .await;
     let status = service.terminate(Duration::from_secs(60)).await;
     assert!(status.success(), "exit status {status}");
-    load.await.unwrap();
+    load.task.await.unwrap();
 
     let complete = fully_acknowledged(&acked.lock().unwrap(), &ids);
     assert!(!complete.is_empty());
