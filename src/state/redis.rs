@@ -32,6 +32,8 @@ use crate::model::{Document, Metadata, Schema};
 const META_PREFIX: &str = "meta:";
 /// Hash field of an outbox entry that holds its completion token.
 const DONE_FIELD: &str = "_done";
+/// Confirmations per script call.
+const CONFIRM_CHUNK: usize = 500;
 
 struct Scripts {
     merge: Script,
@@ -225,20 +227,21 @@ impl RedisStore {
 
     /// Removes from the outbox the completions the sink has taken: `(id, token)` pairs.
     pub async fn confirm(&self, done: &[(String, String)]) -> Result<(), StateError> {
-        if done.is_empty() {
-            return Ok(());
-        }
+        // One script call per chunk (a bulk response's worth), not one per document.
         let index = self.outbox_index();
         let mut pipe = redis::pipe();
-        for (id, token) in done {
-            pipe.cmd("EVALSHA")
-                .arg(self.scripts.confirm.get_hash())
-                .arg(2)
-                .arg(self.outbox_key(id))
-                .arg(&index)
-                .arg(id)
-                .arg(token)
-                .ignore();
+        for chunk in done.chunks(CONFIRM_CHUNK) {
+            let cmd = pipe.cmd("EVALSHA").arg(self.scripts.confirm.get_hash()).arg(1 + chunk.len()).arg(&index);
+            for (id, _) in chunk {
+                cmd.arg(self.outbox_key(id));
+            }
+            for (id, token) in chunk {
+                cmd.arg(id).arg(token);
+            }
+            cmd.ignore();
+        }
+        if done.is_empty() {
+            return Ok(());
         }
         let mut conn = self.conn.clone();
         match pipe.query_async::<()>(&mut conn).await {
