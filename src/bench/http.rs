@@ -96,20 +96,8 @@ pub async fn run(
     }
     let wall = last_change.duration_since(started);
     let d = last.since(&before);
-    let counts = Counts {
-        parts_sent,
-        parts_accepted: accepted.load(std::sync::atomic::Ordering::Relaxed),
-        documents_indexed: d.documents_indexed as u64,
-        dead_letters: d.dead_letters as u64,
-        completed_in_memory: d.completed_in_memory as u64,
-        completed_in_store: d.completed_in_store as u64,
-        redis_merges: d.store_merges as u64,
-        redis_merge_bytes: d.store_merge_bytes as u64,
-        bulk_requests: d.bulk_requests as u64,
-        bulk_bytes: d.bulk_bytes as u64,
-        vector_bytes: 0, // filled by the caller, which knows the dims
-        json_bytes: Some(json_bytes),
-    };
+    // vector_bytes is filled by the caller, which knows the dims.
+    let counts = d.counts(parts_sent, accepted.load(std::sync::atomic::Ordering::Relaxed), 0, Some(json_bytes));
     Ok(HttpRun { counts, latency: Latency::from_buckets(&d.latency_buckets), wall, submitted })
 }
 

@@ -36,7 +36,7 @@ use tokio::task::JoinSet;
 use crate::config::{PartSettings, Settings, SinkBackend, StateBackend};
 use crate::Pipeline;
 use load::{LoadSpec, Order};
-use report::{Counts, Latency, RunShape, Summary};
+use report::{Latency, RunShape, Summary};
 use scrape::Scrape;
 
 /// Request body formats for `--http`.
@@ -438,20 +438,7 @@ async fn in_process(settings: &Settings, args: &BenchArgs, label: Option<String>
 
     let totals = Scrape::parse(&metrics.render());
     let latency = Latency::from_hdr(&metrics.part_to_indexed_us.lock().unwrap_or_else(|e| e.into_inner()));
-    let counts = Counts {
-        parts_sent,
-        parts_accepted: totals.parts_received as u64,
-        documents_indexed: totals.documents_indexed as u64,
-        dead_letters: totals.dead_letters as u64,
-        completed_in_memory: totals.completed_in_memory as u64,
-        completed_in_store: totals.completed_in_store as u64,
-        redis_merges: totals.store_merges as u64,
-        redis_merge_bytes: totals.store_merge_bytes as u64,
-        bulk_requests: totals.bulk_requests as u64,
-        bulk_bytes: totals.bulk_bytes as u64,
-        vector_bytes,
-        json_bytes: None,
-    };
+    let counts = totals.counts(parts_sent, totals.parts_received as u64, vector_bytes, None);
     Ok(Summary::new(
         shape("in-process", settings, args),
         counts,

@@ -7,6 +7,8 @@
 //!
 //! [`Metrics::render`]: crate::metrics::Metrics::render
 
+use super::report::Counts;
+
 /// What the bench needs from one scrape of `/metrics`.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Scrape {
@@ -24,6 +26,25 @@ pub struct Scrape {
 }
 
 impl Scrape {
+    /// The run's counts from this scrape (a whole run's totals, or a `since` difference),
+    /// plus what only the caller knows.
+    pub fn counts(&self, parts_sent: u64, parts_accepted: u64, vector_bytes: u64, json_bytes: Option<u64>) -> Counts {
+        Counts {
+            parts_sent,
+            parts_accepted,
+            documents_indexed: self.documents_indexed as u64,
+            dead_letters: self.dead_letters as u64,
+            completed_in_memory: self.completed_in_memory as u64,
+            completed_in_store: self.completed_in_store as u64,
+            redis_merges: self.store_merges as u64,
+            redis_merge_bytes: self.store_merge_bytes as u64,
+            bulk_requests: self.bulk_requests as u64,
+            bulk_bytes: self.bulk_bytes as u64,
+            vector_bytes,
+            json_bytes,
+        }
+    }
+
     /// Reads the Prometheus / OpenMetrics text. A metric is found by the end of its name
     /// (`documents_indexed_total` matches `embedjoin_documents_indexed_total`), so the
     /// registry's prefix is read from the text rather than assumed; labelled series sum.

@@ -28,12 +28,12 @@ mod record;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use redb::{Database, ReadableTable, TableDefinition, WriteTransaction};
 
 use self::record::Record;
-use super::{DeadLetter, MergeOutcome, Orphan, StateError, StoredItem};
+use super::{completed_document, DeadLetter, MergeOutcome, Orphan, StateError, StoredItem};
 use crate::config::EmbeddedSettings;
 use crate::model::document::{merge_metadata, Partial};
 use crate::model::{Document, Metadata, Schema};
@@ -393,22 +393,7 @@ impl Inner {
     /// A complete record as its document, metadata merged in slot order.
     fn document(&self, id: &str, record: &Record) -> Result<Document, StateError> {
         let (vectors, metadata) = self.slots(id, record);
-        let vectors = (vectors.into_iter().enumerate())
-            .map(|(slot, v)| {
-                v.ok_or_else(|| {
-                    StateError::Protocol(format!("{id}: completed without {}", self.schema.part(slot).type_name))
-                })
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        Ok(Document {
-            id: id.to_owned(),
-            vectors,
-            metadata: merge_metadata(metadata),
-            completed_at: SystemTime::now(),
-            received_at: Instant::now(),
-            outbox: record.token.clone(),
-            acks: Vec::new(),
-        })
+        completed_document(&self.schema, id, vectors, metadata, record.token.clone())
     }
 }
 

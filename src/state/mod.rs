@@ -68,6 +68,33 @@ pub struct StoredItem {
     pub in_outbox: bool,
 }
 
+/// Assembles a completed item read back from a store (per-slot vectors and metadata, and
+/// its outbox token): every slot must hold its vector; metadata merges in slot order.
+pub(crate) fn completed_document(
+    schema: &Schema,
+    id: &str,
+    vectors: Vec<Option<Vec<f32>>>,
+    metadata: Vec<Option<Metadata>>,
+    outbox: Option<String>,
+) -> Result<Document, StateError> {
+    let vectors = vectors
+        .into_iter()
+        .enumerate()
+        .map(|(slot, v)| {
+            v.ok_or_else(|| StateError::Protocol(format!("{id}: completed without {}", schema.part(slot).type_name)))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(Document {
+        id: id.to_owned(),
+        vectors,
+        metadata: crate::model::document::merge_metadata(metadata),
+        completed_at: SystemTime::now(),
+        received_at: std::time::Instant::now(),
+        outbox,
+        acks: Vec::new(),
+    })
+}
+
 /// A partial item that expired before it completed.
 #[derive(Debug, Clone)]
 pub struct Orphan {

@@ -23,7 +23,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{ErrorKind, Script, ServerErrorKind, Value};
 
-use super::{DeadLetter, MergeOutcome, Orphan, StateError, StoredItem};
+use super::{completed_document, DeadLetter, MergeOutcome, Orphan, StateError, StoredItem};
 use crate::config::RedisSettings;
 use crate::model::document::{merge_metadata, Partial};
 use crate::model::{Document, Metadata, Schema};
@@ -375,24 +375,7 @@ impl RedisStore {
     /// Turns a completed item's hash (flat field/value array) into its document.
     fn decode(&self, id: &str, fields: Vec<Value>) -> Result<Document, StateError> {
         let (vectors, metadata, token) = self.fields(id, fields)?;
-        let vectors = vectors
-            .into_iter()
-            .enumerate()
-            .map(|(slot, v)| {
-                v.ok_or_else(|| {
-                    StateError::Protocol(format!("{id}: completed without {}", self.schema.part(slot).type_name))
-                })
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        Ok(Document {
-            id: id.to_owned(),
-            vectors,
-            metadata: merge_metadata(metadata),
-            completed_at: SystemTime::now(),
-            received_at: std::time::Instant::now(),
-            outbox: token,
-            acks: Vec::new(),
-        })
+        completed_document(&self.schema, id, vectors, metadata, token)
     }
 
     /// The part names of the item's partial hash, and whether its outbox entry (with a
