@@ -34,7 +34,7 @@ use std::hint::black_box;
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use embedjoin::config::{EmbeddedSettings, PartSettings};
+use embedjoin::config::{EmbeddedSettings, PartSettings, Settings};
 use embedjoin::model::document::Partial;
 use embedjoin::model::{Metadata, Schema};
 use embedjoin::state::embedded::EmbeddedStore;
@@ -61,6 +61,7 @@ fn batch(schema: &Schema, k: u64, rng: &mut StdRng) -> Vec<(String, Partial)> {
             let dims = schema.part(slot).dims;
             partial.vectors[slot] = Some((0..dims).map(|_| rng.random_range(-1.0f32..1.0)).collect());
             partial.metadata[slot] = (slot == 0).then(|| meta.clone());
+            partial.stamps[slot] = embedjoin::model::stamp::next();
             out.push((format!("item-{generation}-{i}"), partial));
         }
     }
@@ -130,7 +131,8 @@ fn benches(c: &mut Criterion) {
 
     let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
     let settings = EmbeddedSettings { path: dir.path().join("bench.redb"), partial_ttl: Duration::from_secs(3600) };
-    let store = runtime.block_on(EmbeddedStore::open(&settings, &schema)).unwrap();
+    let state = Settings::defaults().state;
+    let store = runtime.block_on(EmbeddedStore::open(&settings, &state, &schema)).unwrap();
     let (mut rng, mut k) = (StdRng::seed_from_u64(7), 0u64);
     group.bench_function("redb", |b| {
         b.iter_custom(|iters| {
@@ -139,12 +141,12 @@ fn benches(c: &mut Criterion) {
                 k += 1;
                 let batch = batch(&schema, k, &mut rng);
                 let start = Instant::now();
-                let outcomes = runtime.block_on(store.merge(&batch)).unwrap();
+                let outcomes = runtime.block_on(store.merge(&batch, Duration::from_secs(30))).unwrap();
                 spent += start.elapsed();
-                let done: Vec<(String, String)> = outcomes
+                let done: Vec<(String, u64)> = outcomes
                     .into_iter()
                     .filter_map(|o| match o {
-                        MergeOutcome::Completed(doc) => Some((doc.id, doc.outbox.expect("a token"))),
+                        MergeOutcome::Completed(doc) => Some((doc.id.clone(), doc.version())),
                         _ => None,
                     })
                     .collect();

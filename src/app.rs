@@ -20,10 +20,10 @@ use crate::http::{self, AppState, Durability};
 use crate::metrics::Metrics;
 use crate::model::ingest::Limits;
 use crate::model::Schema;
+use crate::delivery::outbox::Maintenance;
+use crate::delivery::{BulkWriter, InFlight};
 use crate::shard::{Router, ShardActor};
-use crate::sink::writer::BulkWriter;
 use crate::sink::SinkClient;
-use crate::state::maintenance::Maintenance;
 use crate::state::StateStore;
 
 /// The running actors behind ingress.
@@ -54,14 +54,16 @@ impl Pipeline {
         sink.prepare(settings, &schema).await.context("cannot prepare the sink")?;
         let metrics = Arc::new(Metrics::new());
         let (cancel, give_up) = (CancellationToken::new(), CancellationToken::new());
+        let in_flight = InFlight::default();
         let (writer_handle, writer) = BulkWriter::spawn(
-            &settings.elasticsearch,
+            settings,
             // Each message holds up to a flush of documents: bound it tightly.
             settings.shard_count().max(4),
             schema.clone(),
             sink.clone(),
             store.clone(),
             metrics.clone(),
+            in_flight.clone(),
             give_up.clone(),
         );
         let (handles, shards) = (0..settings.shard_count())
@@ -73,13 +75,14 @@ impl Pipeline {
                     store.clone(),
                     writer_handle.clone(),
                     metrics.clone(),
+                    settings.durability.outbox_resend_after,
                     cancel.clone(),
                 )
             })
             .unzip();
         // Its first round, right away, resends what a previous run left in the outbox.
         let maintenance =
-            Maintenance::spawn(settings, store.clone(), writer_handle, schema.clone(), metrics.clone(), cancel.clone());
+            Maintenance::spawn(settings, store.clone(), writer_handle, in_flight, metrics.clone(), cancel.clone());
         Ok(Pipeline {
             router: Router::new(handles),
             schema: Arc::new(schema),

@@ -147,6 +147,10 @@ pub enum StateBackend {
 #[serde(deny_unknown_fields)]
 pub struct StateSettings {
     pub backend: StateBackend,
+    /// How long the store remembers a completed item (its parts' stamps, no vectors), so
+    /// that an older copy or a re-applied merge arriving later changes nothing.
+    #[serde(with = "humantime_serde")]
+    pub remember_completed: Duration,
 }
 
 /// `Debug` shows what `Serialize` shows (the URL without its password).
@@ -419,6 +423,13 @@ impl Settings {
         nonzero_duration("durability.enqueue_timeout", d.enqueue_timeout)?;
         nonzero_duration("durability.maintenance_interval", d.maintenance_interval)?;
         nonzero_duration("durability.outbox_resend_after", d.outbox_resend_after)?;
+        if d.maintenance_interval.saturating_mul(2) > d.outbox_resend_after {
+            return Err(invalid(
+                "durability.outbox_resend_after",
+                "must be at least twice durability.maintenance_interval (leases are renewed every interval)",
+            ));
+        }
+        nonzero_duration("state.remember_completed", self.state.remember_completed)?;
         nonzero_duration("shards.flush_interval", self.shards.flush_interval)?;
         if self.shards.count > 4096 {
             return Err(invalid("shards.count", "must be at most 4096"));

@@ -9,17 +9,19 @@
 //!      -> shard::ShardActor (owns its partials; completes in memory when it can;
 //!         every flush interval merges dirty partials into the state store in one
 //!         batch, and gets back the items that became complete there, in its outbox)
-//!      -> sink::writer::BulkWriter (batches into _bulk requests, retries, dead-letters,
-//!         confirms outbox entries)
+//!      -> delivery::BulkWriter (batches into _bulk requests; each document reaches one
+//!         end: indexed, superseded, dead-lettered or parked)
 //!         -> sink::SinkClient (Elasticsearch, NDJSON files, or null)
-//!   state::maintenance (per instance: resends the outbox, sweeps orphans)
+//!   delivery::outbox::Maintenance (per instance: renews delivery leases, resends lapsed
+//!   outbox entries, sweeps orphans)
 //! ```
 //!
 //! - [`config`]: typed settings and their validation; defaults in `config/default.toml`.
 //! - [`model`]: the parts, the request contract, documents.
-//! - [`state`]: the state store (Redis, or embedded on disk): atomic per-item merges, the
-//!   outbox, orphans, dead letters.
-//! - [`sink`]: the bulk writer and the sinks (Elasticsearch, `_bulk` files, null).
+//! - [`state`]: the state store (Redis, or embedded on disk): atomic per-item merges by
+//!   part stamps, completion records, the outbox, orphans, dead letters. Storage only.
+//! - [`delivery`]: every completed document's journey to exactly one end.
+//! - [`sink`]: sending bulk requests (Elasticsearch, `_bulk` files, null).
 //! - [`metrics`]: every exported metric, defined in one place.
 //! - [`app`]: assembles everything; [`shutdown`] and [`telemetry`] serve the binary.
 //! - [`bench`]: `embedjoin bench`, the in-process (or `--http`) benchmark.
@@ -30,6 +32,7 @@ pub mod app;
 pub mod bench;
 pub mod check;
 pub mod config;
+pub mod delivery;
 pub mod http;
 pub mod metrics;
 pub mod model;

@@ -29,6 +29,12 @@ pub struct CompletedLabels {
     pub path: CompletedIn,
 }
 
+/// The end a completed document reached (see `delivery::End`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EndLabels {
+    pub end: &'static str,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReasonLabels {
     pub reason: &'static str,
@@ -51,6 +57,8 @@ pub struct Metrics {
     pub parts_rejected: Family<ReasonLabels, Counter>,
     pub documents_completed: Family<CompletedLabels, Counter>,
     pub documents_indexed: Counter,
+    pub documents_ended: Family<EndLabels, Counter>,
+    pub outbox_in_flight: Gauge,
     pub dead_letters: Counter,
     pub orphans_expired: Counter,
     pub outbox_resent: Counter,
@@ -93,6 +101,8 @@ impl Metrics {
             parts_rejected: Family::default(),
             documents_completed: Family::default(),
             documents_indexed: Counter::default(),
+            documents_ended: Family::default(),
+            outbox_in_flight: Gauge::default(),
             dead_letters: Counter::default(),
             orphans_expired: Counter::default(),
             outbox_resent: Counter::default(),
@@ -124,6 +134,16 @@ impl Metrics {
         r.register("parts_rejected", "Items refused by ingress, by reason", m.parts_rejected.clone());
         r.register("documents_completed", "Items that became complete, by where", m.documents_completed.clone());
         r.register("documents_indexed", "Documents the sink acknowledged", m.documents_indexed.clone());
+        r.register(
+            "documents_ended",
+            "Completed documents by the end they reached: indexed, superseded, dead_lettered, parked",
+            m.documents_ended.clone(),
+        );
+        r.register(
+            "outbox_in_flight",
+            "Outbox entries this instance is delivering under a lease",
+            m.outbox_in_flight.clone(),
+        );
         r.register("dead_letters", "Documents the sink refused for good", m.dead_letters.clone());
         r.register("shard_mailbox_depth", "Messages waiting in a shard's mailbox", m.shard_mailbox_depth.clone());
         r.register(

@@ -124,6 +124,7 @@ impl LoadSpec {
                         vector: self.vector(s),
                         metadata: None,
                         received_at: now,
+                        stamp: crate::model::stamp::next(),
                         ack: None,
                     })
                     .collect()

@@ -5,6 +5,26 @@ use std::time::{Instant, SystemTime};
 
 use super::{AckGroup, Metadata, Part, Schema};
 
+/// Where a completed document waits until the sink takes it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    /// Completed in a shard's memory: this value is its only copy (shutdown parks it).
+    Memory,
+    /// Completed in the state store (or parked, or an orphan): its outbox entry stays until
+    /// the sink settles this version, and any instance resends it if its lease lapses.
+    Outbox,
+}
+
+/// Why an orphan's parts never completed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OrphanKind {
+    /// The item never had every part.
+    Partial,
+    /// The item completed before; these newer parts came after and found no partner.
+    /// They are never indexed over the complete document.
+    Late,
+}
+
 /// A document with every configured part present, ready for the sink.
 #[derive(Debug, Clone)]
 pub struct Document {
@@ -13,16 +33,31 @@ pub struct Document {
     /// an orphan indexed incomplete (`durability.orphans = "index"`) has one, since a
     /// validated part always has at least one value.
     pub vectors: Vec<Vec<f32>>,
-    /// Metadata of all parts, merged; a later part's key wins.
+    /// The stamp of each slot's part ([`super::stamp`]); 0 for a missing part.
+    pub stamps: Vec<u64>,
+    /// Metadata of all parts, merged; a later slot's key wins.
     pub metadata: Option<Metadata>,
     pub completed_at: SystemTime,
     /// When the part that completed it was received, for latency.
     pub received_at: Instant,
-    /// Its completion token in the state store's outbox, if it completed there: the sink's
-    /// confirmation removes it from the outbox. `None` when it completed in memory.
-    pub outbox: Option<String>,
-    /// Requests waiting for it to be confirmed (`persisted` mode, completed in memory).
+    pub origin: Origin,
+    /// Set for parts swept as an orphan: they waited longer than the partial TTL.
+    pub orphan: Option<OrphanKind>,
+    /// Requests waiting for it to be settled (`persisted` mode, completed in memory).
     pub acks: Vec<Arc<AckGroup>>,
+}
+
+impl Document {
+    /// Its external version in the index: the largest stamp of its parts, so every later
+    /// completion of the id carries a larger one and the index never goes back.
+    pub fn version(&self) -> u64 {
+        self.stamps.iter().copied().max().unwrap_or(0)
+    }
+
+    /// Whether a part is missing (an orphan).
+    pub fn is_incomplete(&self) -> bool {
+        self.vectors.iter().any(Vec::is_empty)
+    }
 }
 
 /// The parts of one item held in memory by its shard.
@@ -30,15 +65,14 @@ pub struct Document {
 pub struct Partial {
     /// One optional vector per schema slot.
     pub vectors: Vec<Option<Vec<f32>>>,
-    /// Per-slot metadata, kept per part so that the store can merge it like memory does.
+    /// Per-slot metadata: a part's metadata belongs to that copy of the part.
     pub metadata: Vec<Option<Metadata>>,
+    /// Per-slot stamp of the copy held (0: none).
+    pub stamps: Vec<u64>,
     /// Arrival of the newest part.
     pub received_at: Instant,
     /// Requests waiting for these parts to be durable.
     pub acks: Vec<Arc<AckGroup>>,
-    /// A merge of it failed without a clear answer (a timeout): the store may hold its
-    /// parts, so it must complete through the store, never in memory alone.
-    pub maybe_stored: bool,
 }
 
 impl Partial {
@@ -46,35 +80,25 @@ impl Partial {
         Partial {
             vectors: vec![None; slots],
             metadata: vec![None; slots],
+            stamps: vec![0; slots],
             received_at: now,
             acks: Vec::new(),
-            maybe_stored: false,
         }
     }
 
-    /// A partial holding every part of a document, to store it again (shutdown).
-    pub fn from_document(doc: Document) -> (String, Partial) {
-        let slots = doc.vectors.len();
-        let mut metadata = vec![None; slots];
-        metadata[0] = doc.metadata;
-        let partial = Partial {
-            vectors: doc.vectors.into_iter().map(|v| (!v.is_empty()).then_some(v)).collect(),
-            metadata,
-            received_at: doc.received_at,
-            acks: doc.acks,
-            maybe_stored: false,
-        };
-        (doc.id, partial)
-    }
-
-    /// Sets (or replaces: the newest copy of a part wins) one part. Returns the change in
-    /// vector bytes held.
+    /// Sets one part, unless the copy held is newer (a larger stamp): the newest copy of a
+    /// part wins, with its metadata (a copy without metadata has none). Returns the change
+    /// in vector bytes held.
     pub fn apply(&mut self, part: Part) -> isize {
+        self.acks.extend(part.ack);
+        if part.stamp <= self.stamps[part.slot] {
+            return 0; // an older copy, overtaken on its way here
+        }
         let added = (part.vector.len() * 4) as isize;
         let old = self.vectors[part.slot].replace(part.vector);
         self.metadata[part.slot] = part.metadata;
+        self.stamps[part.slot] = part.stamp;
         self.received_at = part.received_at;
-        self.acks.extend(part.ack);
         added - old.map_or(0, |v| (v.len() * 4) as isize)
     }
 
@@ -96,10 +120,12 @@ impl Partial {
         Document {
             id,
             vectors: self.vectors.into_iter().map(|v| v.expect("complete")).collect(),
+            stamps: self.stamps,
             metadata: merge_metadata(self.metadata),
             completed_at: SystemTime::now(),
             received_at: self.received_at,
-            outbox: None,
+            origin: Origin::Memory,
+            orphan: None,
             acks: self.acks,
         }
     }
@@ -121,6 +147,24 @@ pub fn merge_metadata(parts: impl IntoIterator<Item = Option<Metadata>>) -> Opti
 mod tests {
     use super::*;
     use serde_json::json;
+
+    fn part(slot: usize, stamp: u64, value: f32) -> Part {
+        let mut p = Part::new("x".into(), slot, vec![value; 2], None);
+        p.stamp = stamp;
+        p
+    }
+
+    #[test]
+    fn an_older_copy_never_replaces_a_newer_one() {
+        let mut partial = Partial::new(2, Instant::now());
+        partial.apply(part(0, 20, 2.0));
+        assert_eq!(partial.apply(part(0, 10, 1.0)), 0);
+        assert_eq!(partial.vectors[0], Some(vec![2.0; 2]));
+        partial.apply(part(1, 5, 3.0));
+        let doc = partial.into_document("x".into());
+        assert_eq!(doc.stamps, vec![20, 5]);
+        assert_eq!(doc.version(), 20);
+    }
 
     #[test]
     fn metadata_merges_in_slot_order() {

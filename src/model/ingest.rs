@@ -126,7 +126,7 @@ impl RawItem {
                 Some(m)
             }
         };
-        Ok(Part { id, slot, vector, metadata, received_at: now, ack: None })
+        Ok(Part { id, slot, vector, metadata, received_at: now, stamp: super::stamp::next(), ack: None })
     }
 }
 

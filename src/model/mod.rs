@@ -4,6 +4,7 @@
 pub mod ack;
 pub mod document;
 pub mod ingest;
+pub mod stamp;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -86,12 +87,14 @@ pub struct Part {
     pub metadata: Option<Metadata>,
     /// When ingress accepted it, for part-to-index latency.
     pub received_at: Instant,
+    /// Its place among the copies of this part ([`stamp`]): the largest stamp wins.
+    pub stamp: u64,
     /// The request waiting for this part to be durable (`persisted` ack mode only).
     pub ack: Option<Arc<AckGroup>>,
 }
 
 impl Part {
     pub fn new(id: String, slot: usize, vector: Vec<f32>, metadata: Option<Metadata>) -> Part {
-        Part { id, slot, vector, metadata, received_at: Instant::now(), ack: None }
+        Part { id, slot, vector, metadata, received_at: Instant::now(), stamp: stamp::next(), ack: None }
     }
 }

@@ -6,11 +6,15 @@
 //!   partials are dirty, the shard merges all of them into the store in one batch (one
 //!   pipeline) and evicts them from memory: the store holds them from then on, and a later
 //!   part for the same id merges there. Items the store reports complete go to the writer.
-//! - Flushes run one at a time, inside the actor, so a newer copy of a part can never be
-//!   overwritten in the store by an older one.
-//! - A failed merge keeps the partial in memory (newer parts win) for the next flush, marked
-//!   "maybe stored": after a timeout the store may have applied it, so from then on it
-//!   completes only through the store's atomic merge, which leaves no orphan behind.
+//! - A document completed in memory is remembered in the store at the next flush, which
+//!   drops any stored copy of its parts no newer than the completed ones (stored by this
+//!   shard earlier, or by another instance): nothing of a completed item stays behind.
+//! - Each part carries its stamp; the newest copy wins in memory and in the store alike,
+//!   whatever order flushes (of this or another instance) reach the store in.
+//! - A failed merge keeps the partial in memory for the next flush. If the store applied
+//!   it and only the reply was lost, merging it again changes nothing (its stamps are no
+//!   newer than what the store knows), and if it had completed the item there, that
+//!   completion waits in the outbox: no orphan, no second completion.
 //!
 //! What may be lost: partials not yet flushed when the process dies without shutdown (at
 //! most one flush interval of parts). On shutdown the actor drains its mailbox and
@@ -28,11 +32,11 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::ShardSettings;
 use crate::metrics::{CompletedIn, CompletedLabels, Metrics, ShardLabels};
+use crate::delivery::WriterHandle;
 use crate::model::ack::ack_all;
 use crate::model::document::Partial;
 use crate::model::{Document, Part, Schema};
-use crate::sink::writer::WriterHandle;
-use crate::state::{MergeOutcome, StateStore};
+use crate::state::{Completion, MergeOutcome, StateStore};
 
 /// Messages a shard understands.
 pub enum ShardMsg {
@@ -87,6 +91,10 @@ pub struct ShardActor {
     writer: WriterHandle,
     /// Dirty partials: everything in memory has parts the store has not seen.
     partials: HashMap<String, Partial>,
+    /// Completions decided in memory since the last flush, for the store to remember.
+    completed: Vec<Completion>,
+    /// The lease a document completed in the store is delivered under (the writer renews it).
+    lease: Duration,
     /// Vector bytes held in `partials`.
     bytes: usize,
     /// What the resident gauges were last told, so each shard adds only its change.
@@ -113,6 +121,7 @@ impl ShardActor {
         store: StateStore,
         writer: WriterHandle,
         metrics: Arc<Metrics>,
+        lease: Duration,
         cancel: CancellationToken,
     ) -> (ShardHandle, tokio::task::JoinHandle<()>) {
         let (tx, rx) = mpsc::channel(settings.mailbox_capacity);
@@ -123,6 +132,8 @@ impl ShardActor {
             store,
             writer,
             partials: HashMap::new(),
+            completed: Vec::new(),
+            lease,
             bytes: 0,
             reported: (0, 0),
             metrics,
@@ -155,10 +166,10 @@ impl ShardActor {
             self.handle(msg).await;
         }
         let mut attempts = 0;
-        while !self.partials.is_empty() && attempts < 20 {
+        while !(self.partials.is_empty() && self.completed.is_empty()) && attempts < 20 {
             self.retry_at = None;
             self.flush().await;
-            if !self.partials.is_empty() {
+            if !(self.partials.is_empty() && self.completed.is_empty()) {
                 attempts += 1;
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
@@ -168,6 +179,13 @@ impl ShardActor {
                 shard = self.index,
                 partials = self.partials.len(),
                 "Shard stopped with partials the state store did not take; they are lost."
+            );
+        }
+        if !self.completed.is_empty() {
+            tracing::warn!(
+                shard = self.index,
+                documents = self.completed.len(),
+                "Shard stopped before the state store recorded some completions; older copies of their parts stored earlier may complete again later (the index keeps the newest version)."
             );
         }
     }
@@ -194,26 +212,32 @@ impl ShardActor {
         let slots = self.schema.len();
         for mut part in parts {
             let id = std::mem::take(&mut part.id);
-            match self.partials.get_mut(&id) {
+            let partial = match self.partials.get_mut(&id) {
                 Some(partial) => {
-                    self.bytes = self.bytes.saturating_add_signed(partial.apply(part));
-                    if partial.is_complete(&self.schema) && !partial.maybe_stored {
-                        let partial = self.partials.remove(&id).expect("present");
-                        self.bytes -= partial.vector_bytes();
-                        complete.push(partial.into_document(id));
+                    let before = partial.vector_bytes();
+                    partial.apply(part);
+                    self.bytes = self.bytes + partial.vector_bytes() - before;
+                    if !partial.is_complete(&self.schema) {
+                        continue;
                     }
+                    let partial = self.partials.remove(&id).expect("present");
+                    self.bytes -= partial.vector_bytes();
+                    partial
                 }
                 None => {
                     let mut partial = Partial::new(slots, part.received_at);
                     partial.apply(part);
-                    if partial.is_complete(&self.schema) {
-                        complete.push(partial.into_document(id));
-                    } else {
+                    if !partial.is_complete(&self.schema) {
                         self.bytes += partial.vector_bytes();
                         self.partials.insert(id, partial);
+                        continue;
                     }
+                    partial
                 }
-            }
+            };
+            // Complete in memory: it leaves at once; the store hears of it at the next flush.
+            self.completed.push(Completion { id: id.clone(), stamps: partial.stamps.clone() });
+            complete.push(partial.into_document(id));
         }
         self.metrics
             .documents_completed
@@ -227,10 +251,28 @@ impl ShardActor {
         }
     }
 
-    /// Merges every dirty partial into the store and evicts it from memory, unless the
-    /// store failed recently and its backoff has not passed.
+    /// Records memory completions in the store, then merges every dirty partial into it and
+    /// evicts it from memory, unless the store failed recently and its backoff has not
+    /// passed.
     async fn flush(&mut self) {
-        if self.partials.is_empty() || self.retry_at.is_some_and(|at| tokio::time::Instant::now() < at) {
+        if (self.partials.is_empty() && self.completed.is_empty())
+            || self.retry_at.is_some_and(|at| tokio::time::Instant::now() < at)
+        {
+            return;
+        }
+        if !self.completed.is_empty() {
+            match self.store.remember(&self.completed).await {
+                Ok(()) => self.completed.clear(),
+                Err(error) => {
+                    self.failed_flush();
+                    tracing::warn!(shard = self.index, documents = self.completed.len(), %error, "Cannot record completions in the state store; retrying at the next flush.");
+                    return;
+                }
+            }
+        }
+        if self.partials.is_empty() {
+            self.failures = 0;
+            self.retry_at = None;
             return;
         }
         let batch: Vec<(String, Partial)> = self.partials.drain().collect();
@@ -240,7 +282,7 @@ impl ShardActor {
         self.bytes = 0;
         let started = Instant::now();
         let mut complete = Vec::new();
-        match self.store.merge(&batch).await {
+        match self.store.merge(&batch, self.lease).await {
             Ok(outcomes) => {
                 let mut failed = 0;
                 let mut last_error = None;
@@ -303,28 +345,22 @@ impl ShardActor {
         self.retry_at = Some(tokio::time::Instant::now() + backoff);
     }
 
-    /// Puts back a partial whose merge failed; parts that arrived since win.
-    fn restore(&mut self, id: String, mut old: Partial) {
-        old.maybe_stored = true;
-        match self.partials.get_mut(&id) {
-            None => {
-                self.bytes += old.vector_bytes();
-                self.partials.insert(id, old);
-            }
-            Some(newer) => {
-                newer.maybe_stored = true;
-                newer.acks.extend(old.acks);
-                let mut added = 0;
-                for (slot, (vector, meta)) in old.vectors.into_iter().zip(old.metadata).enumerate() {
-                    if newer.vectors[slot].is_none() {
-                        added += vector.as_ref().map_or(0, |v| v.len() * 4);
-                        newer.vectors[slot] = vector;
-                        newer.metadata[slot] = meta;
-                    }
-                }
-                self.bytes += added;
+    /// Puts back a partial whose merge failed; per part, the newest copy wins. It never
+    /// completes in memory from here on unless newer parts complete it: the store may have
+    /// applied it already (a lost reply), and then merging it again is what settles it.
+    fn restore(&mut self, id: String, old: Partial) {
+        let slots = self.schema.len();
+        let partial = self.partials.entry(id).or_insert_with(|| Partial::new(slots, old.received_at));
+        let before = partial.vector_bytes();
+        partial.acks.extend(old.acks);
+        for (slot, ((vector, meta), stamp)) in old.vectors.into_iter().zip(old.metadata).zip(old.stamps).enumerate() {
+            if stamp > partial.stamps[slot] {
+                partial.vectors[slot] = vector;
+                partial.metadata[slot] = meta;
+                partial.stamps[slot] = stamp;
             }
         }
+        self.bytes = self.bytes + partial.vector_bytes() - before;
     }
 
     async fn send(&self, docs: Vec<Document>) {

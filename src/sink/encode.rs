@@ -1,5 +1,7 @@
 //! Encodes documents as `_bulk` NDJSON: an `index` action line with `_id` = the item id
-//! (so a resend overwrites instead of duplicating), then the document source line.
+//! (so a resend overwrites instead of duplicating) and the document's version as an
+//! external version (`external_gte`: the same completion again is applied, an older one
+//! is refused with a 409, so the index never goes back), then the document source line.
 //! Each document is encoded once, straight into the request buffer.
 
 use std::io::Write;
@@ -20,7 +22,9 @@ pub fn encode_index_op(buf: &mut BytesMut, doc: &Document, schema: &Schema, vect
     let mut w = Writer(buf);
     w.raw(b"{\"index\":{\"_id\":");
     w.json_str(&doc.id);
-    w.raw(b"}}\n");
+    w.raw(b",\"version\":");
+    w.raw(itoa::Buffer::new().format(doc.version()).as_bytes());
+    w.raw(b",\"version_type\":\"external_gte\"}}\n");
     let start = w.0.len();
     w.raw(b"{\"id\":");
     w.json_str(&doc.id);
@@ -109,13 +113,16 @@ mod tests {
     use std::time::{Instant, SystemTime};
 
     fn doc(id: &str, vectors: Vec<Vec<f32>>, metadata: Option<crate::model::Metadata>) -> Document {
+        let n = vectors.len();
         Document {
             id: id.into(),
             vectors,
             metadata,
+            stamps: vec![7; n],
             completed_at: SystemTime::UNIX_EPOCH,
             received_at: Instant::now(),
-            outbox: None,
+            origin: crate::model::document::Origin::Memory,
+            orphan: None,
             acks: Vec::new(),
         }
     }
@@ -166,6 +173,8 @@ mod tests {
         assert!(text.ends_with('\n'));
         let action: serde_json::Value = serde_json::from_str(lines[0]).unwrap();
         assert_eq!(action["index"]["_id"], "sku-\"1\"");
+        assert_eq!(action["index"]["version"], 7);
+        assert_eq!(action["index"]["version_type"], "external_gte");
         assert_eq!(&buf[source.clone()], lines[1].as_bytes());
         let src: serde_json::Value = serde_json::from_str(lines[1]).unwrap();
         assert_eq!(src["text_embedding"][1].as_f64().unwrap() as f32, -3.5e-7f32);

@@ -1,12 +1,12 @@
-//! Where complete documents go: the bulk writer actor ([`writer`]) batches them into
-//! `_bulk` requests for the configured sink client, reads every item's result, retries what
-//! can be retried ([`retry`]) and dead-letters the rest; nothing is dropped without a trace.
+//! Sending bulk requests: the sink clients (Elasticsearch, `_bulk` files, null), the
+//! encoding of documents into `_bulk` operations ([`encode`]), and what each answer means
+//! ([`retry`]). Batching, settling and parking live in `delivery`; this module knows
+//! nothing of the state store.
 
 pub mod elasticsearch;
 pub mod encode;
 pub mod file;
 pub mod retry;
-pub mod writer;
 
 use bytes::Bytes;
 

@@ -1,18 +1,19 @@
--- Removes completed items from the outbox once the sink has taken them, unless a newer
--- completion of the same id has replaced one since (then that one stays until confirmed).
--- One call confirms a whole bulk response.
+-- Removes outbox entries once the sink has settled them: an entry goes when the settled
+-- version is at least its own (a newer indexed version supersedes it too); a newer
+-- completion of the same id stays until it is settled. One call settles a bulk response.
 --
 -- KEYS[1]      the outbox index
--- KEYS[1 + i]  the outbox hash of item i      ARGV[2i - 1], ARGV[2i]  its id and token
+-- KEYS[1 + i]  the outbox hash of item i      ARGV[2i - 1], ARGV[2i]  its id and version
 -- Returns how many entries were removed.
 local removed = 0
 for i = 1, #KEYS - 1 do
-  local key, id, token = KEYS[1 + i], ARGV[2 * i - 1], ARGV[2 * i]
-  if redis.call('HGET', key, '_done') == token then
+  local key, id, version = KEYS[1 + i], ARGV[2 * i - 1], ARGV[2 * i]
+  local queued = redis.call('HGET', key, '_v')
+  if queued and tonumber(queued) <= tonumber(version) then
     redis.call('DEL', key)
     redis.call('ZREM', KEYS[1], id)
     removed = removed + 1
-  elseif redis.call('EXISTS', key) == 0 then
+  elseif not queued then
     redis.call('ZREM', KEYS[1], id)
   end
 end

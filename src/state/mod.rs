@@ -1,21 +1,27 @@
-//! Where partial documents are persisted and reconciled across instances.
+//! Where partial documents are persisted and reconciled across instances. Storage only:
+//! what a completed document's journey to the sink involves lives in `delivery`.
 //!
-//! Contract of a backend:
-//! - [`StateStore::merge`] applies a batch of partials, each one atomically: the new parts
-//!   are written, and if the item now has every part, the whole item is returned once (to
-//!   exactly one caller, in any instance) and moved to the outbox with a completion token.
-//!   Items are independent; a failed item does not fail the others, and is safe to merge
-//!   again.
-//! - The outbox keeps a completed item until [`StateStore::confirm`] says the sink took it
-//!   (indexed or dead-lettered); [`StateStore::claim_outbox`] hands out entries that were not
-//!   confirmed in time, for a resend (after a crash, or a lost confirmation).
-//! - [`StateStore::take_orphans`] removes and returns partials not updated for a while.
+//! Contract of a backend (both pass `tests/api/state_contract.rs`):
+//! - Per item and part type the store knows the stamp of the newest copy seen
+//!   ([`crate::model::stamp`]); a copy no newer is ignored, so an old copy never replaces a
+//!   newer one, and re-applying a merge whose reply was lost changes nothing.
+//! - [`StateStore::merge`] applies a batch of partials, each item atomically: if the item
+//!   now has every part, the whole item is returned once (to exactly one caller, in any
+//!   instance), moved to the outbox under a lease held by that caller, and its parts'
+//!   stamps stay as a compact record (no vectors) for `state.remember_completed`.
+//! - [`StateStore::remember`] records completions decided in a shard's memory: stored
+//!   copies no newer than the completed ones go; nothing of a completed item stays behind
+//!   as a partial.
+//! - The outbox keeps a completed item until [`StateStore::confirm`] settles its version
+//!   (or a newer one). [`StateStore::claim_outbox`] hands out entries whose lease lapsed;
+//!   [`StateStore::renew`] extends the leases of entries being delivered.
+//! - [`StateStore::sweep_orphans`] takes parts that waited longer than the partial TTL,
+//!   and moves them to the outbox when they are to be delivered.
 //!
 //! Backends: [`redis`] (shared by instances) and [`embedded`] (on disk in the process, no
-//! server); both pass the same contract tests (`tests/api/state_contract.rs`).
+//! server).
 
 pub mod embedded;
-pub mod maintenance;
 pub mod redis;
 
 use std::time::{Duration, SystemTime};
@@ -23,7 +29,7 @@ use std::time::{Duration, SystemTime};
 use bytes::Bytes;
 
 use crate::config::{Settings, StateBackend};
-use crate::model::document::Partial;
+use crate::model::document::{Origin, OrphanKind, Partial};
 use crate::model::{Document, Metadata, Schema};
 
 /// A state-store failure. Every one is retryable: a failed merge leaves the item as it was
@@ -51,9 +57,10 @@ impl From<::redb::Error> for StateError {
 /// What happened to one partial in a merge.
 #[derive(Debug)]
 pub enum MergeOutcome {
-    /// Written; the item still misses parts.
+    /// Applied (or nothing in it was newer than what the store knows); the item is not
+    /// complete, or its completion went to another caller or is already in the outbox.
     Persisted,
-    /// The item is complete; it has been removed from the store.
+    /// The item is complete: in the outbox, leased to this caller.
     Completed(Document),
     /// Not applied; merge it again later.
     Failed(StateError),
@@ -64,44 +71,90 @@ pub enum MergeOutcome {
 pub struct StoredItem {
     /// The parts stored as a partial, as a bit mask of schema slots.
     pub partial: u32,
-    /// The item completed in the store and waits in its outbox until the sink confirms it.
+    /// The item completed in the store and waits in its outbox until the sink settles it.
     pub in_outbox: bool,
+    /// The version of the item's last completion, while the store remembers it.
+    pub completed: Option<u64>,
 }
 
-/// Assembles a completed item read back from a store (per-slot vectors and metadata, and
-/// its outbox token): every slot must hold its vector; metadata merges in slot order.
-pub(crate) fn completed_document(
-    schema: &Schema,
-    id: &str,
-    vectors: Vec<Option<Vec<f32>>>,
-    metadata: Vec<Option<Metadata>>,
-    outbox: Option<String>,
-) -> Result<Document, StateError> {
-    let vectors = vectors
-        .into_iter()
-        .enumerate()
-        .map(|(slot, v)| {
-            v.ok_or_else(|| StateError::Protocol(format!("{id}: completed without {}", schema.part(slot).type_name)))
-        })
-        .collect::<Result<Vec<_>, _>>()?;
-    Ok(Document {
-        id: id.to_owned(),
-        vectors,
-        metadata: crate::model::document::merge_metadata(metadata),
-        completed_at: SystemTime::now(),
-        received_at: std::time::Instant::now(),
-        outbox,
-        acks: Vec::new(),
-    })
-}
-
-/// A partial item that expired before it completed.
-#[derive(Debug, Clone)]
-pub struct Orphan {
-    pub id: String,
-    /// One optional vector per schema slot.
+/// An item read back from a store: per-slot parts, its version and what kind of entry it is.
+#[derive(Debug, Default)]
+pub(crate) struct StoredEntry {
     pub vectors: Vec<Option<Vec<f32>>>,
-    pub metadata: Option<Metadata>,
+    pub stamps: Vec<u64>,
+    pub metadata: Vec<Option<Metadata>>,
+    pub version: u64,
+    pub orphan: Option<OrphanKind>,
+    /// The first field that could not be read, if any: the entry is then unreadable.
+    pub error: Option<String>,
+}
+
+impl StoredEntry {
+    pub fn new(slots: usize) -> StoredEntry {
+        StoredEntry {
+            vectors: vec![None; slots],
+            stamps: vec![0; slots],
+            metadata: vec![None; slots],
+            ..StoredEntry::default()
+        }
+    }
+
+    /// Notes a field that cannot be read (the first one wins); returns a placeholder.
+    pub fn fail<T: Default>(&mut self, reason: String) -> T {
+        self.error.get_or_insert(reason);
+        T::default()
+    }
+
+    /// Sets a slot's vector from f32 little-endian bytes, which must be `dims` floats.
+    pub fn set_vector(&mut self, id: &str, slot: usize, type_name: &str, dims: usize, bytes: &[u8]) {
+        if bytes.len() != dims * 4 {
+            return self.fail(format!("{id}: {type_name} holds {} bytes, expected {} ({dims} dims)", bytes.len(), dims * 4));
+        }
+        self.vectors[slot] = Some(bytes.chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().expect("4 bytes"))).collect());
+    }
+
+    /// The outbox document of this entry: a completed item needs every part; an orphan
+    /// keeps the parts it has. Metadata merges in slot order.
+    pub fn into_document(self, schema: &Schema, id: &str) -> Result<Document, StateError> {
+        if let Some(reason) = self.error {
+            return Err(StateError::Protocol(reason));
+        }
+        if self.orphan.is_none() {
+            if let Some(slot) = self.vectors.iter().position(Option::is_none) {
+                return Err(StateError::Protocol(format!("{id}: completed without {}", schema.part(slot).type_name)));
+            }
+        }
+        Ok(Document {
+            id: id.to_owned(),
+            vectors: self.vectors.into_iter().map(Option::unwrap_or_default).collect(),
+            stamps: self.stamps,
+            metadata: crate::model::document::merge_metadata(self.metadata),
+            completed_at: SystemTime::now(),
+            received_at: std::time::Instant::now(),
+            origin: Origin::Outbox,
+            orphan: self.orphan,
+            acks: Vec::new(),
+        })
+    }
+}
+
+/// A completion decided in a shard's memory, for the store to agree with.
+#[derive(Debug, Clone)]
+pub struct Completion {
+    pub id: String,
+    /// Per-slot stamps of the completed parts.
+    pub stamps: Vec<u64>,
+}
+
+/// An outbox entry handed out, or what an orphan sweep found for one item.
+#[derive(Debug)]
+pub enum Swept {
+    /// A document to deliver (an orphan has [`Document::orphan`] set); when it came from
+    /// the outbox, it is leased to the caller.
+    Found(Document),
+    /// An entry that cannot be read back (e.g. the configured dims changed): to dead-letter,
+    /// then settle by `version`.
+    Unreadable { id: String, version: u64, reason: String },
 }
 
 /// A document the sink refused for good, kept with the reason.
@@ -145,77 +198,90 @@ pub enum StateStore {
     Embedded(embedded::EmbeddedStore),
 }
 
+/// Calls the same method on whichever backend this is.
+macro_rules! each {
+    ($self:ident.$method:ident($($arg:expr),*)) => {
+        match $self {
+            StateStore::Redis(s) => s.$method($($arg),*).await,
+            StateStore::Embedded(s) => s.$method($($arg),*).await,
+        }
+    };
+}
+
 impl StateStore {
     pub async fn connect(settings: &Settings, schema: &Schema) -> Result<StateStore, StateError> {
         match settings.state.backend {
-            StateBackend::Redis => Ok(StateStore::Redis(redis::RedisStore::connect(&settings.redis, schema).await?)),
-            StateBackend::Embedded => {
-                Ok(StateStore::Embedded(embedded::EmbeddedStore::open(&settings.embedded, schema).await?))
+            StateBackend::Redis => {
+                Ok(StateStore::Redis(redis::RedisStore::connect(&settings.redis, &settings.state, schema).await?))
             }
+            StateBackend::Embedded => Ok(StateStore::Embedded(
+                embedded::EmbeddedStore::open(&settings.embedded, &settings.state, schema).await?,
+            )),
         }
     }
 
-    /// Merges each partial atomically; one outcome per input, in order.
-    pub async fn merge(&self, batch: &[(String, Partial)]) -> Result<Vec<MergeOutcome>, StateError> {
-        match self {
-            StateStore::Redis(s) => s.merge(batch).await,
-            StateStore::Embedded(s) => s.merge(batch).await,
-        }
+    /// Merges each partial atomically; one outcome per input, in order. Completed items
+    /// are leased to this caller for `lease`.
+    pub async fn merge(&self, batch: &[(String, Partial)], lease: Duration) -> Result<Vec<MergeOutcome>, StateError> {
+        each!(self.merge(batch, lease))
     }
 
-    /// Removes confirmed completions from the outbox: `(id, completion token)` pairs.
-    pub async fn confirm(&self, done: &[(String, String)]) -> Result<(), StateError> {
-        match self {
-            StateStore::Redis(s) => s.confirm(done).await,
-            StateStore::Embedded(s) => s.confirm(done).await,
-        }
+    /// Records completions decided in memory (see the module's contract).
+    pub async fn remember(&self, done: &[Completion]) -> Result<(), StateError> {
+        each!(self.remember(done))
     }
 
-    /// Outbox entries not confirmed within `older_than`, claimed for a resend.
-    pub async fn claim_outbox(&self, older_than: Duration, limit: usize) -> Result<Vec<Document>, StateError> {
-        match self {
-            StateStore::Redis(s) => s.claim_outbox(older_than, limit).await,
-            StateStore::Embedded(s) => s.claim_outbox(older_than, limit).await,
-        }
+    /// Settles outbox entries: `(id, version)` pairs; an entry goes if its version is at
+    /// most the settled one.
+    pub async fn confirm(&self, done: &[(String, u64)]) -> Result<(), StateError> {
+        each!(self.confirm(done))
     }
 
-    /// Partials not updated for `older_than`, removed from the store.
-    pub async fn take_orphans(&self, older_than: Duration, limit: usize) -> Result<Vec<Orphan>, StateError> {
-        match self {
-            StateStore::Redis(s) => s.take_orphans(older_than, limit).await,
-            StateStore::Embedded(s) => s.take_orphans(older_than, limit).await,
-        }
+    /// Outbox entries whose lease lapsed, leased to the caller for `lease`.
+    pub async fn claim_outbox(&self, lease: Duration, limit: usize) -> Result<Vec<Swept>, StateError> {
+        each!(self.claim_outbox(lease, limit))
+    }
+
+    /// Sets the leases of outbox entries the caller delivers to end `lease` from now
+    /// (renewal; `Duration::ZERO` releases them for a resend by anyone).
+    pub async fn renew(&self, ids: &[String], lease: Duration) -> Result<(), StateError> {
+        each!(self.renew(ids, lease))
+    }
+
+    /// Puts documents completed in memory into the outbox, due at once (shutdown).
+    pub async fn park(&self, docs: &[Document]) -> Result<(), StateError> {
+        each!(self.park(docs))
+    }
+
+    /// Parts not updated for `older_than` whose item is incomplete. With `deliver_lease`
+    /// they move to the outbox under that lease; without, they are removed.
+    pub async fn sweep_orphans(
+        &self,
+        older_than: Duration,
+        limit: usize,
+        deliver_lease: Option<Duration>,
+    ) -> Result<Vec<Swept>, StateError> {
+        each!(self.sweep_orphans(older_than, limit, deliver_lease))
     }
 
     /// `true` when the store has lost everything it held since the last check.
     pub async fn check_epoch(&self) -> Result<bool, StateError> {
-        match self {
-            StateStore::Redis(s) => s.check_epoch().await,
-            StateStore::Embedded(s) => s.check_epoch().await,
-        }
+        each!(self.check_epoch())
     }
 
     /// Appends documents the sink refused for good.
     pub async fn dead_letter(&self, letters: &[DeadLetter]) -> Result<(), StateError> {
-        match self {
-            StateStore::Redis(s) => s.dead_letter(letters).await,
-            StateStore::Embedded(s) => s.dead_letter(letters).await,
-        }
+        each!(self.dead_letter(letters))
     }
 
-    /// What the store holds of `id`: its stored parts and whether it waits in the outbox.
+    /// What the store holds of `id`: its stored parts, whether it waits in the outbox, and
+    /// whether it is remembered as completed.
     pub async fn inspect(&self, id: &str) -> Result<StoredItem, StateError> {
-        match self {
-            StateStore::Redis(s) => s.inspect(id).await,
-            StateStore::Embedded(s) => s.inspect(id).await,
-        }
+        each!(self.inspect(id))
     }
 
     /// Whether the backend answers.
     pub async fn ping(&self) -> Result<(), StateError> {
-        match self {
-            StateStore::Redis(s) => s.ping().await,
-            StateStore::Embedded(s) => s.ping().await,
-        }
+        each!(self.ping())
     }
 }

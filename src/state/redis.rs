@@ -1,44 +1,58 @@
 //! Redis backend. Keys, all under the configured prefix:
 //!
-//! - `{prefix}{<id>}`: an item's partial parts, a hash: one field per part holding the
-//!   vector as f32 little-endian bytes, `meta:<part>` holding that part's metadata JSON.
-//! - `{prefix}outbox:{<id>}`: a completed item not yet confirmed by the sink, the same hash
-//!   plus `_done` = its completion token.
-//! - `{prefix}outbox`: sorted set of outbox ids by completion (or last resend) time, in ms.
-//! - `{prefix}partials`: sorted set of partial ids by last update, in ms (orphan sweeper).
+//! - `{prefix}{<id>}`: the item's hash (see `merge.lua`): per part type T, `s:T` the stamp
+//!   of the newest copy known, and while that copy waits for the others `T` (the vector,
+//!   f32 little-endian) and `m:T` (its metadata); `_v` the version of its last completion.
+//!   Vectors go when the item completes; the stamps stay `state.remember_completed`.
+//! - `{prefix}outbox:{<id>}`: a completed item not yet settled by the sink: the same
+//!   fields, `_v` its version, and `_orphan` for parts swept as an orphan.
+//! - `{prefix}outbox`: sorted set of outbox ids by lease expiry, in ms.
+//! - `{prefix}partials`: sorted set of incomplete ids by last update, in ms (orphan sweep).
 //! - `{prefix}deadletter`: list of dead letters (JSON).
 //! - `{prefix}epoch`: a marker; if it disappears, Redis lost its data.
 //!
-//! A batch is one pipeline of EVALSHA calls of `merge.lua`, one per item. The pipeline
-//! ignores per-command errors so that every item gets its own outcome: retrying a whole
-//! pipeline could re-run a merge that already completed its item.
+//! A batch is one pipeline of EVALSHA calls, one per item. The pipeline ignores
+//! per-command errors so that every item gets its own outcome; re-running a merge whose
+//! reply was lost is harmless (stamps make it a no-op).
 //!
 //! The two sorted sets make this backend single-node (or primary/replica) only: a script
 //! touching an item key and a shared index would cross slots on a Redis Cluster.
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{ErrorKind, Script, ServerErrorKind, Value};
 
-use super::{completed_document, DeadLetter, MergeOutcome, Orphan, StateError, StoredItem};
-use crate::config::RedisSettings;
-use crate::model::document::{merge_metadata, Partial};
-use crate::model::{Document, Metadata, Schema};
+use super::{Completion, DeadLetter, MergeOutcome, StateError, StoredEntry, StoredItem, Swept};
+use crate::config::{RedisSettings, StateSettings};
+use crate::model::document::{OrphanKind, Partial};
+use crate::model::{Document, Schema};
 
+/// Prefix of the hash field that holds a part's stamp.
+const STAMP_PREFIX: &str = "s:";
 /// Prefix of the hash field that holds a part's metadata.
-const META_PREFIX: &str = "meta:";
-/// Hash field of an outbox entry that holds its completion token.
-const DONE_FIELD: &str = "_done";
-/// Confirmations per script call.
-const CONFIRM_CHUNK: usize = 500;
+const META_PREFIX: &str = "m:";
+/// Field of the item's last completion version, and of an outbox entry's version.
+const VERSION_FIELD: &str = "_v";
+/// Field that marks an outbox entry made of an orphan's parts.
+const ORPHAN_FIELD: &str = "_orphan";
+/// Items per script call that takes many (confirm).
+const CHUNK: usize = 500;
 
 struct Scripts {
     merge: Script,
+    remember: Script,
     confirm: Script,
+    claim: Script,
+    park: Script,
     expire: Script,
+}
+
+impl Scripts {
+    fn all(&self) -> [&Script; 6] {
+        [&self.merge, &self.remember, &self.confirm, &self.claim, &self.park, &self.expire]
+    }
 }
 
 /// A handle on the Redis backend; cheap to clone (one multiplexed, reconnecting connection).
@@ -50,9 +64,10 @@ pub struct RedisStore {
     prefix: String,
     /// Backstop TTL of a partial: twice the configured TTL, so that the sweeper acts first.
     backstop_ttl_ms: u64,
-    /// Makes completion tokens unique: this store's random id and a batch counter.
+    /// TTL of a completed item's record.
+    remember_ms: u64,
+    /// Makes the epoch marker unique to this store handle.
     instance: u64,
-    batches: Arc<AtomicU64>,
     /// The epoch marker's value this store wrote; `None` until written.
     epoch: Arc<std::sync::Mutex<Option<String>>>,
     dead_letter_key: String,
@@ -62,9 +77,17 @@ fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
+fn ms(d: Duration) -> u64 {
+    d.as_millis() as u64
+}
+
 impl RedisStore {
     /// Connects and loads the scripts.
-    pub async fn connect(settings: &RedisSettings, schema: &Schema) -> Result<RedisStore, StateError> {
+    pub async fn connect(
+        settings: &RedisSettings,
+        state: &StateSettings,
+        schema: &Schema,
+    ) -> Result<RedisStore, StateError> {
         let client = redis::Client::open(settings.url.as_str())?;
         let config = ConnectionManagerConfig::new()
             .set_response_timeout(Some(settings.response_timeout))
@@ -76,14 +99,17 @@ impl RedisStore {
             conn,
             scripts: Arc::new(Scripts {
                 merge: Script::new(include_str!("merge.lua")),
+                remember: Script::new(include_str!("remember.lua")),
                 confirm: Script::new(include_str!("confirm.lua")),
+                claim: Script::new(include_str!("claim.lua")),
+                park: Script::new(include_str!("park.lua")),
                 expire: Script::new(include_str!("expire.lua")),
             }),
             schema: schema.clone(),
             prefix: settings.key_prefix.clone(),
-            backstop_ttl_ms: settings.partial_ttl.as_millis() as u64 * 2,
+            backstop_ttl_ms: ms(settings.partial_ttl) * 2,
+            remember_ms: ms(state.remember_completed).max(1),
             instance: rand::random(),
-            batches: Arc::new(AtomicU64::new(0)),
             epoch: Arc::new(std::sync::Mutex::new(None)),
             dead_letter_key: format!("{}{}", settings.key_prefix, settings.dead_letter_key),
         };
@@ -92,7 +118,7 @@ impl RedisStore {
         Ok(store)
     }
 
-    /// The key of an item's partial hash.
+    /// The key of an item's hash.
     pub fn item_key(&self, id: &str) -> String {
         format!("{}{{{}}}", self.prefix, id)
     }
@@ -116,7 +142,7 @@ impl RedisStore {
 
     async fn load_scripts(&self) -> Result<(), StateError> {
         let mut conn = self.conn.clone();
-        for script in [&self.scripts.merge, &self.scripts.confirm, &self.scripts.expire] {
+        for script in self.scripts.all() {
             script.prepare_invoke().load_async(&mut conn).await?;
         }
         Ok(())
@@ -149,64 +175,36 @@ impl RedisStore {
         Ok(lost)
     }
 
-    pub async fn merge(&self, batch: &[(String, Partial)]) -> Result<Vec<MergeOutcome>, StateError> {
-        let mut outcomes = self.merge_once(batch.iter()).await?;
-        // A Redis that restarted or was flushed forgets scripts: load them, merge those again.
-        let missing: Vec<usize> = outcomes
-            .iter()
-            .enumerate()
-            .filter(|(_, o)| matches!(o, MergeOutcome::Failed(StateError::Redis(e)) if is_noscript(e)))
-            .map(|(i, _)| i)
-            .collect();
-        if !missing.is_empty() {
-            self.load_scripts().await?;
-            let again = self.merge_once(missing.iter().map(|&i| &batch[i])).await?;
-            for (i, outcome) in missing.into_iter().zip(again) {
-                outcomes[i] = outcome;
-            }
-        }
-        Ok(outcomes)
-    }
-
-    async fn merge_once<'a>(
-        &self,
-        batch: impl Iterator<Item = &'a (String, Partial)>,
-    ) -> Result<Vec<MergeOutcome>, StateError> {
-        let token = format!("{:x}-{}", self.instance, self.batches.fetch_add(1, Ordering::Relaxed));
-        let now = now_ms();
-        let (outbox_index, partial_index) = (self.outbox_index(), self.partial_index());
+    pub async fn merge(&self, batch: &[(String, Partial)], lease: Duration) -> Result<Vec<MergeOutcome>, StateError> {
+        let lease_until = now_ms() + ms(lease);
         let mut pipe = redis::pipe();
         pipe.ignore_errors();
-        let mut ids = Vec::new();
-        let parts = self.schema.parts();
         for (id, partial) in batch {
-            let cmd = pipe.cmd("EVALSHA").arg(self.scripts.merge.get_hash()).arg(4);
-            cmd.arg(self.item_key(id)).arg(self.outbox_key(id)).arg(&outbox_index).arg(&partial_index);
-            cmd.arg(id).arg(now).arg(self.backstop_ttl_ms).arg(&token).arg(parts.len());
-            for part in parts {
-                cmd.arg(&part.type_name);
-            }
-            for (slot, vector) in partial.vectors.iter().enumerate() {
-                if let Some(vector) = vector {
-                    cmd.arg(&parts[slot].type_name).arg(f32_le_bytes(vector));
-                    if let Some(meta) = &partial.metadata[slot] {
-                        let json = serde_json::to_vec(meta).expect("metadata serialises");
-                        cmd.arg(format!("{META_PREFIX}{}", parts[slot].type_name)).arg(json);
-                    }
-                }
-            }
-            ids.push(id.as_str());
+            self.merge_call(&mut pipe, id, partial, lease_until);
         }
-        if ids.is_empty() {
+        if batch.is_empty() {
             return Ok(Vec::new());
         }
-        let replies = self.query(&pipe, ids.len()).await?;
-        Ok(ids
-            .into_iter()
+        let mut replies = self.query(&pipe, batch.len()).await?;
+        // A Redis that restarted or was flushed forgets scripts: load them, merge those again.
+        let missing: Vec<usize> = (0..replies.len()).filter(|&i| is_noscript_reply(&replies[i])).collect();
+        if !missing.is_empty() {
+            self.load_scripts().await?;
+            let mut again = redis::pipe();
+            again.ignore_errors();
+            for &i in &missing {
+                self.merge_call(&mut again, &batch[i].0, &batch[i].1, lease_until);
+            }
+            for (i, reply) in missing.into_iter().zip(self.query(&again, again.len()).await?) {
+                replies[i] = reply;
+            }
+        }
+        Ok(batch
+            .iter()
             .zip(replies)
-            .map(|(id, reply)| match reply {
-                Value::Nil => MergeOutcome::Persisted,
-                Value::Array(fields) => match self.decode(id, fields) {
+            .map(|((id, _), reply)| match reply {
+                Value::Int(_) => MergeOutcome::Persisted,
+                Value::Array(fields) => match self.entry(id, fields).into_document(&self.schema, id) {
                     Ok(doc) => MergeOutcome::Completed(doc),
                     Err(e) => MergeOutcome::Failed(e),
                 },
@@ -214,6 +212,59 @@ impl RedisStore {
                 other => MergeOutcome::Failed(StateError::Protocol(format!("merge of {id} returned {other:?}"))),
             })
             .collect())
+    }
+
+    fn merge_call(&self, pipe: &mut redis::Pipeline, id: &str, partial: &Partial, lease_until: u64) {
+        let parts = self.schema.parts();
+        let cmd = pipe.cmd("EVALSHA").arg(self.scripts.merge.get_hash()).arg(4);
+        cmd.arg(self.item_key(id)).arg(self.outbox_key(id)).arg(self.outbox_index()).arg(self.partial_index());
+        cmd.arg(id).arg(now_ms()).arg(self.backstop_ttl_ms).arg(self.remember_ms).arg(lease_until);
+        cmd.arg(parts.len());
+        for part in parts {
+            cmd.arg(&part.type_name);
+        }
+        for (slot, vector) in partial.vectors.iter().enumerate() {
+            if let Some(vector) = vector {
+                cmd.arg(&parts[slot].type_name).arg(partial.stamps[slot]).arg(f32_le_bytes(vector));
+                match &partial.metadata[slot] {
+                    Some(meta) => cmd.arg(serde_json::to_vec(meta).expect("metadata serialises")),
+                    None => cmd.arg(""),
+                };
+            }
+        }
+    }
+
+    /// Records completions decided in memory: one script call per item.
+    pub async fn remember(&self, done: &[Completion]) -> Result<(), StateError> {
+        if done.is_empty() {
+            return Ok(());
+        }
+        let mut pipe = redis::pipe();
+        for completion in done {
+            let version = completion.stamps.iter().copied().max().unwrap_or(0);
+            let cmd = pipe.cmd("EVALSHA").arg(self.scripts.remember.get_hash()).arg(2);
+            cmd.arg(self.item_key(&completion.id)).arg(self.partial_index());
+            cmd.arg(&completion.id).arg(self.remember_ms).arg(version);
+            for (part, stamp) in self.schema.parts().iter().zip(&completion.stamps) {
+                cmd.arg(&part.type_name).arg(stamp);
+            }
+            cmd.ignore();
+        }
+        self.run(&pipe).await
+    }
+
+    /// Runs a pipeline whose replies are not needed, loading the scripts once if Redis
+    /// forgot them.
+    async fn run(&self, pipe: &redis::Pipeline) -> Result<(), StateError> {
+        let mut conn = self.conn.clone();
+        match pipe.query_async::<()>(&mut conn).await {
+            Err(e) if is_noscript(&e) => {
+                self.load_scripts().await?;
+                pipe.query_async::<()>(&mut conn).await?;
+            }
+            other => other?,
+        }
+        Ok(())
     }
 
     async fn query(&self, pipe: &redis::Pipeline, expected: usize) -> Result<Vec<Value>, StateError> {
@@ -225,33 +276,25 @@ impl RedisStore {
         Ok(replies)
     }
 
-    /// Removes from the outbox the completions the sink has taken: `(id, token)` pairs.
-    pub async fn confirm(&self, done: &[(String, String)]) -> Result<(), StateError> {
+    /// Settles outbox entries: `(id, version)` pairs.
+    pub async fn confirm(&self, done: &[(String, u64)]) -> Result<(), StateError> {
+        if done.is_empty() {
+            return Ok(());
+        }
         // One script call per chunk (a bulk response's worth), not one per document.
         let index = self.outbox_index();
         let mut pipe = redis::pipe();
-        for chunk in done.chunks(CONFIRM_CHUNK) {
+        for chunk in done.chunks(CHUNK) {
             let cmd = pipe.cmd("EVALSHA").arg(self.scripts.confirm.get_hash()).arg(1 + chunk.len()).arg(&index);
             for (id, _) in chunk {
                 cmd.arg(self.outbox_key(id));
             }
-            for (id, token) in chunk {
-                cmd.arg(id).arg(token);
+            for (id, version) in chunk {
+                cmd.arg(id).arg(version);
             }
             cmd.ignore();
         }
-        if done.is_empty() {
-            return Ok(());
-        }
-        let mut conn = self.conn.clone();
-        match pipe.query_async::<()>(&mut conn).await {
-            Err(e) if is_noscript(&e) => {
-                self.load_scripts().await?;
-                pipe.query_async::<()>(&mut conn).await?;
-            }
-            other => other?,
-        }
-        Ok(())
+        self.run(&pipe).await
     }
 
     /// Up to `limit` members of a sorted-set index with a score (ms) at most `deadline`.
@@ -270,127 +313,173 @@ impl RedisStore {
         Ok(ids)
     }
 
-    /// Takes up to `limit` outbox entries completed (or last claimed) more than `older_than`
-    /// ago, and marks them claimed now, so that other instances leave them alone for a while.
-    pub async fn claim_outbox(&self, older_than: Duration, limit: usize) -> Result<Vec<Document>, StateError> {
+    /// Claims up to `limit` outbox entries whose lease lapsed, each by one atomic call.
+    pub async fn claim_outbox(&self, lease: Duration, limit: usize) -> Result<Vec<Swept>, StateError> {
         let index = self.outbox_index();
         let now = now_ms();
-        let deadline = now.saturating_sub(older_than.as_millis() as u64);
-        let ids = self.ids_up_to(&index, deadline, limit).await?;
-        if ids.is_empty() {
-            return Ok(Vec::new());
-        }
-        let mut pipe = redis::pipe();
-        for id in &ids {
-            pipe.cmd("ZADD").arg(&index).arg("XX").arg(now).arg(id).ignore();
-            pipe.cmd("HGETALL").arg(self.outbox_key(id));
-        }
-        let replies = self.query(&pipe, ids.len()).await?;
-        let mut docs = Vec::new();
-        let mut gone = Vec::new();
-        for (id, reply) in ids.into_iter().zip(replies) {
-            match reply {
-                Value::Array(fields) if !fields.is_empty() => match self.decode(&id, fields) {
-                    Ok(doc) => docs.push(doc),
-                    Err(e) => tracing::error!(%id, error = %e, "An outbox entry cannot be read; it stays in Redis."),
-                },
-                _ => gone.push(id),
-            }
-        }
-        if !gone.is_empty() {
-            let mut conn = self.conn.clone();
-            let _: () = redis::cmd("ZREM").arg(&index).arg(&gone).query_async(&mut conn).await?;
-        }
-        Ok(docs)
-    }
-
-    /// Takes up to `limit` partial items not updated for `older_than`, removing them.
-    pub async fn take_orphans(&self, older_than: Duration, limit: usize) -> Result<Vec<Orphan>, StateError> {
-        let index = self.partial_index();
-        let deadline = now_ms().saturating_sub(older_than.as_millis() as u64);
-        let ids = self.ids_up_to(&index, deadline, limit).await?;
+        let ids = self.ids_up_to(&index, now, limit).await?;
         if ids.is_empty() {
             return Ok(Vec::new());
         }
         let mut pipe = redis::pipe();
         for id in &ids {
             pipe.cmd("EVALSHA")
-                .arg(self.scripts.expire.get_hash())
+                .arg(self.scripts.claim.get_hash())
                 .arg(2)
-                .arg(self.item_key(id))
                 .arg(&index)
+                .arg(self.outbox_key(id))
                 .arg(id)
-                .arg(deadline);
+                .arg(now)
+                .arg(now + ms(lease));
         }
-        let replies = match self.query(&pipe, ids.len()).await {
-            Err(StateError::Redis(e)) if is_noscript(&e) => {
-                self.load_scripts().await?;
-                self.query(&pipe, ids.len()).await?
-            }
-            other => other?,
-        };
-        let mut orphans = Vec::new();
-        for (id, reply) in ids.into_iter().zip(replies) {
-            if let Value::Array(fields) = reply {
-                let (vectors, metadata, _) = self.fields(&id, fields)?;
-                orphans.push(Orphan { id, vectors, metadata: merge_metadata(metadata) });
-            }
-        }
-        Ok(orphans)
+        let replies = self.query_scripts(&pipe, ids.len()).await?;
+        Ok(ids.into_iter().zip(replies).filter_map(|(id, reply)| self.swept(id, reply)).collect())
     }
 
-    /// Splits an item's hash into per-slot vectors, per-slot metadata and its token.
-    #[allow(clippy::type_complexity)]
-    fn fields(
+    /// Runs a pipeline of script calls whose replies are needed, loading the scripts once
+    /// if Redis forgot them.
+    async fn query_scripts(&self, pipe: &redis::Pipeline, expected: usize) -> Result<Vec<Value>, StateError> {
+        match self.query(pipe, expected).await {
+            Err(StateError::Redis(e)) if is_noscript(&e) => {
+                self.load_scripts().await?;
+                self.query(pipe, expected).await
+            }
+            other => other,
+        }
+    }
+
+    /// An outbox entry (or swept orphan) read back; `None` for a `false` reply.
+    fn swept(&self, id: String, reply: Value) -> Option<Swept> {
+        let Value::Array(fields) = reply else { return None };
+        let entry = self.entry(&id, fields);
+        let version = entry.version;
+        Some(match entry.into_document(&self.schema, &id) {
+            Ok(doc) => Swept::Found(doc),
+            Err(e) => Swept::Unreadable { id, version, reason: e.to_string() },
+        })
+    }
+
+    /// Sets the leases of the given outbox entries to end `lease` from now (0 releases
+    /// them); never adds an entry.
+    pub async fn renew(&self, ids: &[String], lease: Duration) -> Result<(), StateError> {
+        let until = now_ms() + ms(lease);
+        let mut pipe = redis::pipe();
+        for chunk in ids.chunks(CHUNK) {
+            let cmd = pipe.cmd("ZADD").arg(self.outbox_index()).arg("XX");
+            for id in chunk {
+                cmd.arg(until).arg(id);
+            }
+            cmd.ignore();
+        }
+        if ids.is_empty() {
+            return Ok(());
+        }
+        self.run(&pipe).await
+    }
+
+    /// Parks documents completed in memory in the outbox, due at once.
+    pub async fn park(&self, docs: &[Document]) -> Result<(), StateError> {
+        if docs.is_empty() {
+            return Ok(());
+        }
+        let now = now_ms();
+        let mut pipe = redis::pipe();
+        for doc in docs {
+            let cmd = pipe.cmd("EVALSHA").arg(self.scripts.park.get_hash()).arg(2);
+            cmd.arg(self.outbox_index()).arg(self.outbox_key(&doc.id));
+            cmd.arg(&doc.id).arg(now).arg(doc.version());
+            for (slot, part) in self.schema.parts().iter().enumerate() {
+                if doc.vectors[slot].is_empty() {
+                    continue;
+                }
+                cmd.arg(&part.type_name).arg(f32_le_bytes(&doc.vectors[slot]));
+                cmd.arg(format!("{STAMP_PREFIX}{}", part.type_name)).arg(doc.stamps[slot]);
+            }
+            // The document's merged metadata rides on its first part: merging it again in
+            // slot order gives the same result.
+            if let Some(meta) = &doc.metadata {
+                cmd.arg(format!("{META_PREFIX}{}", self.schema.part(0).type_name));
+                cmd.arg(serde_json::to_vec(meta).expect("metadata serialises"));
+            }
+            cmd.arg(VERSION_FIELD).arg(doc.version());
+            cmd.ignore();
+        }
+        self.run(&pipe).await
+    }
+
+    /// Sweeps up to `limit` orphans not updated for `older_than`.
+    pub async fn sweep_orphans(
         &self,
-        id: &str,
-        fields: Vec<Value>,
-    ) -> Result<(Vec<Option<Vec<f32>>>, Vec<Option<Metadata>>, Option<String>), StateError> {
-        let n = self.schema.len();
-        let mut vectors: Vec<Option<Vec<f32>>> = vec![None; n];
-        let mut metadata: Vec<Option<Metadata>> = vec![None; n];
-        let mut token = None;
+        older_than: Duration,
+        limit: usize,
+        deliver_lease: Option<Duration>,
+    ) -> Result<Vec<Swept>, StateError> {
+        let index = self.partial_index();
+        let now = now_ms();
+        let deadline = now.saturating_sub(ms(older_than));
+        let ids = self.ids_up_to(&index, deadline, limit).await?;
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let lease = deliver_lease.map_or(String::new(), |l| (now + ms(l)).to_string());
+        let mut pipe = redis::pipe();
+        for id in &ids {
+            let cmd = pipe.cmd("EVALSHA").arg(self.scripts.expire.get_hash()).arg(4);
+            cmd.arg(self.item_key(id)).arg(&index).arg(self.outbox_key(id)).arg(self.outbox_index());
+            cmd.arg(id).arg(deadline).arg(self.remember_ms).arg(&lease).arg(self.schema.len());
+            for part in self.schema.parts() {
+                cmd.arg(&part.type_name);
+            }
+        }
+        let replies = self.query_scripts(&pipe, ids.len()).await?;
+        Ok(ids.into_iter().zip(replies).filter_map(|(id, reply)| self.swept(id, reply)).collect())
+    }
+
+    /// Splits a stored entry (flat field/value array) into per-slot parts; a field that
+    /// cannot be read is noted in the entry, the others are still read.
+    fn entry(&self, id: &str, fields: Vec<Value>) -> StoredEntry {
+        let mut entry = StoredEntry::new(self.schema.len());
         let mut it = fields.into_iter();
         while let (Some(Value::BulkString(field)), Some(Value::BulkString(value))) = (it.next(), it.next()) {
             let field = String::from_utf8_lossy(&field);
-            if field == DONE_FIELD {
-                token = Some(String::from_utf8_lossy(&value).into_owned());
+            let number = || std::str::from_utf8(&value).ok().and_then(|v| v.parse::<u64>().ok());
+            if field == VERSION_FIELD {
+                entry.version = number().unwrap_or_else(|| entry.fail(format!("{id}: its version is not a number")));
+            } else if field == ORPHAN_FIELD {
+                entry.orphan = Some(if value.as_slice() == b"late" { OrphanKind::Late } else { OrphanKind::Partial });
+            } else if let Some(type_name) = field.strip_prefix(STAMP_PREFIX) {
+                if let Some(slot) = self.schema.slot_of(type_name) {
+                    entry.stamps[slot] =
+                        number().unwrap_or_else(|| entry.fail(format!("{id}: the stamp of {type_name} is not a number")));
+                }
             } else if let Some(type_name) = field.strip_prefix(META_PREFIX) {
                 if let Some(slot) = self.schema.slot_of(type_name) {
-                    metadata[slot] = serde_json::from_slice(&value).ok();
+                    match serde_json::from_slice(&value) {
+                        Ok(meta) => entry.metadata[slot] = Some(meta),
+                        Err(e) => entry.fail(format!("{id}: the metadata of {type_name} is not a JSON object: {e}")),
+                    }
                 }
             } else if let Some(slot) = self.schema.slot_of(&field) {
-                let dims = self.schema.part(slot).dims;
-                if value.len() != dims * 4 {
-                    let reason = format!("{id}: {field} holds {} bytes, expected {}", value.len(), dims * 4);
-                    return Err(StateError::Protocol(reason));
-                }
-                vectors[slot] =
-                    Some(value.chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().expect("4 bytes"))).collect());
+                entry.set_vector(id, slot, &field, self.schema.part(slot).dims, &value);
             }
         }
-        Ok((vectors, metadata, token))
+        entry
     }
 
-    /// Turns a completed item's hash (flat field/value array) into its document.
-    fn decode(&self, id: &str, fields: Vec<Value>) -> Result<Document, StateError> {
-        let (vectors, metadata, token) = self.fields(id, fields)?;
-        completed_document(&self.schema, id, vectors, metadata, token)
-    }
-
-    /// The part names of the item's partial hash, and whether its outbox entry (with a
-    /// completion token) exists; both read in one MULTI, so a merge that completes the
+    /// The part names of the item's partial hash, whether its outbox entry exists, and the
+    /// version of its last completion; read in one MULTI, so a merge that completes the
     /// item in between cannot show it in both places or in neither.
     pub async fn inspect(&self, id: &str) -> Result<StoredItem, StateError> {
         let mut pipe = redis::pipe();
         pipe.atomic();
         pipe.cmd("HKEYS").arg(self.item_key(id));
-        pipe.cmd("HEXISTS").arg(self.outbox_key(id)).arg(DONE_FIELD);
+        pipe.cmd("HEXISTS").arg(self.outbox_key(id)).arg(VERSION_FIELD);
+        pipe.cmd("HGET").arg(self.item_key(id)).arg(VERSION_FIELD);
         let mut conn = self.conn.clone();
-        let (fields, in_outbox): (Vec<String>, bool) = pipe.query_async(&mut conn).await?;
+        let (fields, in_outbox, completed): (Vec<String>, bool, Option<u64>) = pipe.query_async(&mut conn).await?;
         let partial =
             fields.iter().filter_map(|field| self.schema.slot_of(field)).fold(0, |mask, slot| mask | (1 << slot));
-        Ok(StoredItem { partial, in_outbox })
+        Ok(StoredItem { partial, in_outbox, completed })
     }
 
     pub async fn dead_letter(&self, letters: &[DeadLetter]) -> Result<(), StateError> {
@@ -410,6 +499,10 @@ impl RedisStore {
 
 fn is_noscript(e: &redis::RedisError) -> bool {
     e.kind() == ErrorKind::Server(ServerErrorKind::NoScript)
+}
+
+fn is_noscript_reply(reply: &Value) -> bool {
+    matches!(reply, Value::ServerError(e) if e.kind() == Some(ServerErrorKind::NoScript))
 }
 
 /// A vector as little-endian f32 bytes (a plain copy on little-endian machines).

@@ -25,10 +25,12 @@ fn body(ids: &[&str]) -> Bytes {
         let doc = Document {
             id: id.to_string(),
             vectors: vec![vec![0.5, -1.0], vec![1.0, 2.0, 3.0]],
+            stamps: vec![1, 2],
             metadata: None,
             completed_at: SystemTime::now(),
             received_at: Instant::now(),
-            outbox: None,
+            origin: embedjoin::model::document::Origin::Memory,
+            orphan: None,
             acks: Vec::new(),
         };
         encode_index_op(&mut buf, &doc, &schema, VectorEncoding::Array);

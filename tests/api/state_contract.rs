@@ -6,9 +6,9 @@ use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use embedjoin::config::StateBackend;
-use embedjoin::model::document::Partial;
-use embedjoin::model::{Document, Metadata, Schema};
-use embedjoin::state::{DeadLetter, MergeOutcome, StateStore};
+use embedjoin::model::document::{Origin, OrphanKind, Partial};
+use embedjoin::model::{stamp, Document, Metadata, Schema};
+use embedjoin::state::{Completion, DeadLetter, MergeOutcome, StateStore, StoredItem, Swept};
 use embedjoin::Settings;
 use serde_json::{json, Value};
 
@@ -76,24 +76,36 @@ impl Backend {
     }
 }
 
-fn part_vector(id: &str, slot: usize, version: u32) -> Vec<f32> {
-    vector(id, ["TEXT", "IMAGE"][slot], DIMS[slot], version)
+fn part_vector(id: &str, slot: usize, copy: u32) -> Vec<f32> {
+    vector(id, ["TEXT", "IMAGE"][slot], DIMS[slot], copy)
 }
 
 fn meta(value: Value) -> Option<Metadata> {
     value.as_object().cloned()
 }
 
-/// A partial holding one part.
-fn one(id: &str, slot: usize, version: u32, metadata: Option<Metadata>) -> (String, Partial) {
+/// A partial holding one part: copy number `copy`, stamped now (newer than any before).
+fn one(id: &str, slot: usize, copy: u32, metadata: Option<Metadata>) -> (String, Partial) {
+    one_at(id, slot, copy, stamp::next(), metadata)
+}
+
+/// A partial holding one part with a given stamp.
+fn one_at(id: &str, slot: usize, copy: u32, stamp: u64, metadata: Option<Metadata>) -> (String, Partial) {
     let mut p = Partial::new(2, std::time::Instant::now());
-    p.vectors[slot] = Some(part_vector(id, slot, version));
+    p.vectors[slot] = Some(part_vector(id, slot, copy));
     p.metadata[slot] = metadata;
+    p.stamps[slot] = stamp;
     (id.to_owned(), p)
 }
 
+const LEASE: Duration = Duration::from_secs(30);
+
 async fn merge_one(store: &StateStore, partial: (String, Partial)) -> MergeOutcome {
-    let mut outcomes = store.merge(&[partial]).await.expect("the merge runs");
+    merge_leased(store, partial, LEASE).await
+}
+
+async fn merge_leased(store: &StateStore, partial: (String, Partial), lease: Duration) -> MergeOutcome {
+    let mut outcomes = store.merge(&[partial], lease).await.expect("the merge runs");
     assert_eq!(outcomes.len(), 1);
     outcomes.pop().unwrap()
 }
@@ -115,6 +127,16 @@ async fn complete(store: &StateStore, id: &str) -> Document {
     completed(merge_one(store, one(id, IMAGE, 0, None)).await)
 }
 
+fn found(swept: Vec<Swept>) -> Vec<Document> {
+    swept
+        .into_iter()
+        .map(|s| match s {
+            Swept::Found(doc) => doc,
+            other => panic!("expected a readable entry, got {other:?}"),
+        })
+        .collect()
+}
+
 async fn merge_persists_then_completes_exactly_once(kind: StateBackend) {
     let backend = Backend::start(kind).await;
     let (a, b) = backend.two_stores().await;
@@ -123,17 +145,19 @@ async fn merge_persists_then_completes_exactly_once(kind: StateBackend) {
     let doc = completed(merge_one(&b, one("x", IMAGE, 0, None)).await);
     assert_eq!(doc.id, "x");
     assert_eq!(doc.vectors, vec![part_vector("x", TEXT, 0), part_vector("x", IMAGE, 0)]);
-    assert!(doc.outbox.is_some(), "a completion in the store has a token");
+    assert_eq!(doc.origin, Origin::Outbox);
+    assert_eq!(doc.version(), doc.stamps[IMAGE], "the version is the newest part's stamp");
     let stored = a.inspect("x").await.unwrap();
-    assert_eq!((stored.partial, stored.in_outbox), (0, true));
-    // A part arriving after completion starts a new partial; it does not complete again.
-    assert_persisted(merge_one(&a, one("x", IMAGE, 0, None)).await);
+    assert_eq!((stored.partial, stored.in_outbox, stored.completed), (0, true, Some(doc.version())));
+    // A newer part arriving after completion starts a new partial; it does not complete again.
+    assert_persisted(merge_one(&a, one("x", IMAGE, 1, None)).await);
+    assert_eq!(a.inspect("x").await.unwrap().partial, 0b10);
 
     // Both parts of 100 items through two stores at once: each completes exactly once.
     let ids: Vec<String> = (0..100).map(|i| format!("sku-{i}")).collect();
     let texts: Vec<_> = ids.iter().map(|id| one(id, TEXT, 0, None)).collect();
     let images: Vec<_> = ids.iter().map(|id| one(id, IMAGE, 0, None)).collect();
-    let (ta, tb) = tokio::join!(a.merge(&texts), b.merge(&images));
+    let (ta, tb) = tokio::join!(a.merge(&texts, LEASE), b.merge(&images, LEASE));
     let mut done: Vec<String> = ta
         .unwrap()
         .into_iter()
@@ -150,17 +174,20 @@ async fn merge_persists_then_completes_exactly_once(kind: StateBackend) {
     assert_eq!(done, expected, "every item completed exactly once");
 }
 
-async fn later_parts_replace_earlier_ones(kind: StateBackend) {
+async fn the_newest_copy_wins_whatever_order_merges_arrive_in(kind: StateBackend) {
     let backend = Backend::start(kind).await;
-    let store = backend.open().await;
-    assert_persisted(merge_one(&store, one("x", TEXT, 1, None)).await);
-    assert_persisted(merge_one(&store, one("x", TEXT, 2, None)).await);
-    let doc = completed(merge_one(&store, one("x", IMAGE, 0, None)).await);
+    let (a, b) = backend.two_stores().await;
+    let (older, newer) = (stamp::next(), stamp::next());
+    // The newer copy reaches the store first (another instance flushed sooner).
+    assert_persisted(merge_one(&a, one_at("x", TEXT, 2, newer, meta(json!({"v": 2})))).await);
+    assert_persisted(merge_one(&b, one_at("x", TEXT, 1, older, meta(json!({"v": 1})))).await);
+    let doc = completed(merge_one(&a, one("x", IMAGE, 0, None)).await);
     assert_eq!(doc.vectors[TEXT], part_vector("x", TEXT, 2));
-    assert_ne!(part_vector("x", TEXT, 1), part_vector("x", TEXT, 2));
+    assert_eq!(doc.stamps[TEXT], newer);
+    assert_eq!(doc.metadata.map(Value::Object), Some(json!({"v": 2})), "metadata belongs to its copy");
 }
 
-async fn metadata_merges_in_slot_order(kind: StateBackend) {
+async fn a_copys_metadata_goes_with_it_and_merges_in_slot_order(kind: StateBackend) {
     let backend = Backend::start(kind).await;
     let store = backend.open().await;
     let image_first = one("x", IMAGE, 0, meta(json!({"title": "image", "w": 3})));
@@ -169,76 +196,190 @@ async fn metadata_merges_in_slot_order(kind: StateBackend) {
     // Slot order, not arrival order: the image part's slot comes later and wins.
     assert_eq!(doc.metadata.map(Value::Object), Some(json!({"title": "image", "lang": "en", "w": 3})));
 
-    // A part sent again without metadata keeps the metadata stored with it.
+    // A part sent again without metadata replaces the copy, metadata included (as memory does).
     assert_persisted(merge_one(&store, one("y", TEXT, 0, meta(json!({"lang": "fr"})))).await);
     assert_persisted(merge_one(&store, one("y", TEXT, 1, None)).await);
     let doc = completed(merge_one(&store, one("y", IMAGE, 0, None)).await);
-    assert_eq!(doc.metadata.map(Value::Object), Some(json!({"lang": "fr"})));
+    assert_eq!(doc.metadata, None);
 }
 
-async fn outbox_confirm_needs_the_right_token(kind: StateBackend) {
+async fn a_merge_applied_again_after_a_lost_reply_changes_nothing(kind: StateBackend) {
+    let backend = Backend::start(kind).await;
+    let store = backend.open().await;
+    let text = one("x", TEXT, 0, None);
+    let image = one("x", IMAGE, 0, None);
+    let again = (image.0.clone(), Partial { acks: Vec::new(), ..clone_partial(&image.1) });
+    assert_persisted(merge_one(&store, text).await);
+    let doc = completed(merge_one(&store, image).await);
+    // The reply was lost: the caller merges the same copy again.
+    assert_persisted(merge_one(&store, again).await);
+    let stored = store.inspect("x").await.unwrap();
+    assert_eq!((stored.partial, stored.in_outbox, stored.completed), (0, true, Some(doc.version())));
+    store.renew(&["x".to_owned()], Duration::ZERO).await.unwrap();
+    let waiting = found(store.claim_outbox(LEASE, 10).await.unwrap());
+    assert_eq!(waiting.len(), 1, "one completion, no orphan");
+    assert_eq!(waiting[0].version(), doc.version());
+    // An older copy after completion changes nothing either.
+    let old = one_at("x", TEXT, 9, doc.stamps[TEXT] - 1, None);
+    assert_persisted(merge_one(&store, old).await);
+    assert_eq!(store.inspect("x").await.unwrap().partial, 0, "an older copy never revives the item");
+}
+
+fn clone_partial(p: &Partial) -> Partial {
+    let mut c = Partial::new(p.vectors.len(), p.received_at);
+    c.vectors = p.vectors.clone();
+    c.metadata = p.metadata.clone();
+    c.stamps = p.stamps.clone();
+    c
+}
+
+async fn a_completion_in_memory_drops_older_stored_copies(kind: StateBackend) {
+    let backend = Backend::start(kind).await;
+    let (a, b) = backend.two_stores().await;
+    // Issue scenario: TEXT v1 stored; then TEXT v2 + IMAGE complete in memory elsewhere.
+    assert_persisted(merge_one(&a, one("x", TEXT, 1, None)).await);
+    let stamps = vec![stamp::next(), stamp::next()];
+    b.remember(&[Completion { id: "x".into(), stamps: stamps.clone() }]).await.unwrap();
+    let stored = a.inspect("x").await.unwrap();
+    assert_eq!((stored.partial, stored.completed), (0, Some(stamps[IMAGE])), "no stale copy stays behind");
+    // IMAGE again (newer): it waits for a newer TEXT; the stale v1 never comes back.
+    assert_persisted(merge_one(&a, one("x", IMAGE, 2, None)).await);
+    assert_eq!(a.inspect("x").await.unwrap().partial, 0b10);
+
+    // A stored copy newer than the completed one stays: it came after.
+    assert_persisted(merge_one(&a, one("y", TEXT, 3, None)).await);
+    let completed_stamps = vec![stamp::next(), stamp::next()];
+    b.remember(&[Completion { id: "y".into(), stamps: completed_stamps }]).await.unwrap();
+    let stored = a.inspect("y").await.unwrap();
+    assert_eq!(stored.partial, 0, "older than the completion: dropped");
+    assert_persisted(merge_one(&a, one("z", TEXT, 3, None)).await);
+    let older = vec![1, 2];
+    b.remember(&[Completion { id: "z".into(), stamps: older }]).await.unwrap();
+    assert_eq!(a.inspect("z").await.unwrap().partial, 0b01, "newer than the completion: kept");
+}
+
+async fn settling_a_version_removes_it_and_older_entries_only(kind: StateBackend) {
     let backend = Backend::start(kind).await;
     let (a, b) = backend.two_stores().await;
     let doc = complete(&a, "x").await;
-    let token = doc.outbox.clone().unwrap();
-    b.confirm(&[("x".into(), format!("{token}-not"))]).await.unwrap();
-    assert!(a.inspect("x").await.unwrap().in_outbox, "a wrong token leaves the entry");
-    // A newer completion replaces the entry: the older token no longer confirms it.
-    let newer = complete(&a, "x").await.outbox.unwrap();
-    assert_ne!(newer, token);
-    b.confirm(&[("x".into(), token)]).await.unwrap();
-    assert!(a.inspect("x").await.unwrap().in_outbox, "the older token leaves the newer entry");
-    b.confirm(&[("x".into(), newer)]).await.unwrap();
+    b.confirm(&[("x".into(), doc.version() - 1)]).await.unwrap();
+    assert!(a.inspect("x").await.unwrap().in_outbox, "an older version leaves the entry");
+    // A newer completion replaces the entry: settling the older one leaves it.
+    let newer = complete(&a, "x").await;
+    assert!(newer.version() > doc.version());
+    b.confirm(&[("x".into(), doc.version())]).await.unwrap();
+    assert!(a.inspect("x").await.unwrap().in_outbox, "the older version leaves the newer entry");
+    b.confirm(&[("x".into(), newer.version())]).await.unwrap();
     assert!(!a.inspect("x").await.unwrap().in_outbox);
-    assert!(a.claim_outbox(Duration::ZERO, 10).await.unwrap().is_empty(), "nothing left to resend");
+    // A newer version settled (a 409 told us the index has it) removes an older entry too.
+    let third = complete(&a, "x").await;
+    b.confirm(&[("x".into(), third.version() + 1)]).await.unwrap();
+    assert!(!a.inspect("x").await.unwrap().in_outbox);
+    b.renew(&["x".into()], Duration::ZERO).await.unwrap();
+    assert!(a.claim_outbox(LEASE, 10).await.unwrap().is_empty(), "nothing left to resend");
 }
 
-async fn claim_outbox_hands_out_old_entries_and_restamps_them(kind: StateBackend) {
+async fn an_outbox_entry_is_resent_only_after_its_lease_lapses(kind: StateBackend) {
     let backend = Backend::start(kind).await;
     let (a, b) = backend.two_stores().await;
-    let doc = complete(&a, "x").await;
-    let age = Duration::from_millis(300);
-    assert!(a.claim_outbox(age, 10).await.unwrap().is_empty(), "too young to resend");
-    tokio::time::sleep(age + Duration::from_millis(50)).await;
-    let claimed = a.claim_outbox(age, 10).await.unwrap();
-    assert_eq!(claimed.len(), 1);
-    assert_eq!((claimed[0].id.as_str(), &claimed[0].outbox), ("x", &doc.outbox));
+    let lease = Duration::from_millis(300);
+    assert_persisted(merge_leased(&a, one("x", TEXT, 0, None), lease).await);
+    let doc = completed(merge_leased(&a, one("x", IMAGE, 0, None), lease).await);
+    assert!(b.claim_outbox(lease, 10).await.unwrap().is_empty(), "leased to the completing caller");
+    // Renewed while its delivery is alive: still not handed out.
+    tokio::time::sleep(lease / 2).await;
+    a.renew(&["x".into()], lease).await.unwrap();
+    tokio::time::sleep(lease / 2 + Duration::from_millis(50)).await;
+    assert!(b.claim_outbox(lease, 10).await.unwrap().is_empty(), "a renewed lease holds");
+    tokio::time::sleep(lease).await;
+    let claimed = found(b.claim_outbox(lease, 10).await.unwrap());
+    assert_eq!(claimed.len(), 1, "a lapsed lease is handed out");
+    assert_eq!((claimed[0].id.as_str(), claimed[0].version()), ("x", doc.version()));
     assert_eq!(claimed[0].vectors, doc.vectors);
-    // Claimed now: another instance leaves it alone for `age`.
-    assert!(b.claim_outbox(age, 10).await.unwrap().is_empty(), "a claim re-stamps the entry");
-    tokio::time::sleep(age + Duration::from_millis(50)).await;
-    assert_eq!(b.claim_outbox(age, 10).await.unwrap().len(), 1, "unconfirmed, it is handed out again");
+    assert!(a.claim_outbox(lease, 10).await.unwrap().is_empty(), "claimed: leased to the claimer");
+    // Released (shutdown): handed out at once.
+    b.renew(&["x".into()], Duration::ZERO).await.unwrap();
+    assert_eq!(a.claim_outbox(lease, 10).await.unwrap().len(), 1);
 
     // `limit` bounds one claim.
     for id in ["y", "z"] {
         complete(&a, id).await;
     }
-    assert_eq!(a.claim_outbox(Duration::ZERO, 2).await.unwrap().len(), 2);
-    b.confirm(&[("x".into(), doc.outbox.unwrap())]).await.unwrap();
-    tokio::time::sleep(age + Duration::from_millis(50)).await;
-    let mut left: Vec<String> = a.claim_outbox(age, 10).await.unwrap().into_iter().map(|d| d.id).collect();
+    a.renew(&["y".into(), "z".into()], Duration::ZERO).await.unwrap();
+    a.confirm(&[("x".into(), doc.version())]).await.unwrap();
+    assert_eq!(a.claim_outbox(lease, 1).await.unwrap().len(), 1);
+    tokio::time::sleep(lease + Duration::from_millis(50)).await;
+    let mut left: Vec<String> = found(a.claim_outbox(lease, 10).await.unwrap()).into_iter().map(|d| d.id).collect();
     left.sort();
-    assert_eq!(left, ["y", "z"], "a confirmed entry is never handed out");
+    assert_eq!(left, ["y", "z"], "a settled entry is never handed out");
 }
 
-async fn take_orphans_takes_only_partials_older_than_the_age(kind: StateBackend) {
+async fn parked_documents_wait_in_the_outbox_due_at_once(kind: StateBackend) {
+    let backend = Backend::start(kind).await;
+    let store = backend.open().await;
+    let mut partial = one("m", TEXT, 0, meta(json!({"k": 1}))).1;
+    let image = one("m", IMAGE, 0, None).1;
+    partial.vectors[IMAGE] = image.vectors[IMAGE].clone();
+    partial.stamps[IMAGE] = image.stamps[IMAGE];
+    let doc = partial.into_document("m".into());
+    store.park(std::slice::from_ref(&doc)).await.unwrap();
+    let claimed = found(store.claim_outbox(LEASE, 10).await.unwrap());
+    assert_eq!(claimed.len(), 1);
+    assert_eq!((claimed[0].vectors.clone(), claimed[0].version()), (doc.vectors.clone(), doc.version()));
+    assert_eq!(claimed[0].metadata.clone().map(Value::Object), Some(json!({"k": 1})));
+    // An older version parked later never replaces a newer entry.
+    let mut older = doc.clone();
+    older.stamps = vec![1, 1];
+    store.park(&[older]).await.unwrap();
+    store.renew(&["m".into()], Duration::ZERO).await.unwrap();
+    assert_eq!(found(store.claim_outbox(LEASE, 10).await.unwrap())[0].version(), doc.version());
+}
+
+async fn the_orphan_sweep_takes_only_old_incomplete_items(kind: StateBackend) {
     let backend = Backend::start(kind).await;
     let store = backend.open().await;
     assert_persisted(merge_one(&store, one("old", TEXT, 0, meta(json!({"k": 1})))).await);
+    assert_persisted(merge_one(&store, one("done", TEXT, 0, None)).await);
     let age = Duration::from_millis(300);
-    assert!(store.take_orphans(age, 10).await.unwrap().is_empty());
+    assert!(store.sweep_orphans(age, 10, None).await.unwrap().is_empty());
     tokio::time::sleep(age + Duration::from_millis(50)).await;
+    completed(merge_one(&store, one("done", IMAGE, 0, None)).await);
     assert_persisted(merge_one(&store, one("young", IMAGE, 0, None)).await);
-    let orphans = store.take_orphans(age, 10).await.unwrap();
-    assert_eq!(orphans.len(), 1, "{orphans:?}");
+    let orphans = found(store.sweep_orphans(age, 10, None).await.unwrap());
+    assert_eq!(orphans.len(), 1, "never a completed or young item: {orphans:?}");
     assert_eq!(orphans[0].id, "old");
-    assert_eq!(orphans[0].vectors, vec![Some(part_vector("old", TEXT, 0)), None]);
+    assert_eq!(orphans[0].orphan, Some(OrphanKind::Partial));
+    assert_eq!(orphans[0].vectors, vec![part_vector("old", TEXT, 0), vec![]]);
     assert_eq!(orphans[0].metadata.clone().map(Value::Object), Some(json!({"k": 1})));
-    assert_eq!(store.inspect("old").await.unwrap().partial, 0, "taken means removed");
+    assert_eq!(store.inspect("old").await.unwrap(), StoredItem::default(), "swept means removed");
     assert_eq!(store.inspect("young").await.unwrap().partial, 0b10);
-    assert!(store.take_orphans(age, 10).await.unwrap().is_empty(), "taken once");
+    assert!(store.sweep_orphans(age, 10, None).await.unwrap().is_empty(), "swept once");
     // Its first part is gone: the second part alone does not complete it.
     assert_persisted(merge_one(&store, one("old", IMAGE, 0, None)).await);
+}
+
+async fn swept_orphans_to_deliver_go_through_the_outbox(kind: StateBackend) {
+    let backend = Backend::start(kind).await;
+    let store = backend.open().await;
+    let done = complete(&store, "late").await;
+    store.confirm(&[("late".into(), done.version())]).await.unwrap();
+    assert_persisted(merge_one(&store, one("late", TEXT, 1, None)).await);
+    assert_persisted(merge_one(&store, one("never", IMAGE, 0, None)).await);
+    let age = Duration::from_millis(200);
+    tokio::time::sleep(age + Duration::from_millis(50)).await;
+    let lease = Duration::from_millis(300);
+    let mut orphans = found(store.sweep_orphans(age, 10, Some(lease)).await.unwrap());
+    orphans.sort_by(|a, b| a.id.cmp(&b.id));
+    let kinds: Vec<(&str, Option<OrphanKind>)> = orphans.iter().map(|o| (o.id.as_str(), o.orphan)).collect();
+    assert_eq!(kinds, [("late", Some(OrphanKind::Late)), ("never", Some(OrphanKind::Partial))]);
+    assert!(orphans[0].version() > done.version(), "a late part is newer than the completion");
+    let stored = store.inspect("late").await.unwrap();
+    assert_eq!((stored.partial, stored.in_outbox, stored.completed), (0, true, Some(done.version())));
+    assert!(store.claim_outbox(lease, 10).await.unwrap().is_empty(), "leased to the sweeper");
+    tokio::time::sleep(lease + Duration::from_millis(50)).await;
+    let resent = found(store.claim_outbox(lease, 10).await.unwrap());
+    assert_eq!(resent.len(), 2, "an unsettled orphan is resent like any document");
+    assert!(resent.iter().all(|d| d.orphan.is_some()));
 }
 
 async fn dead_letters_are_appended(kind: StateBackend) {
@@ -285,11 +426,15 @@ macro_rules! for_each_backend {
 
 for_each_backend!(
     merge_persists_then_completes_exactly_once,
-    later_parts_replace_earlier_ones,
-    metadata_merges_in_slot_order,
-    outbox_confirm_needs_the_right_token,
-    claim_outbox_hands_out_old_entries_and_restamps_them,
-    take_orphans_takes_only_partials_older_than_the_age,
+    the_newest_copy_wins_whatever_order_merges_arrive_in,
+    a_copys_metadata_goes_with_it_and_merges_in_slot_order,
+    a_merge_applied_again_after_a_lost_reply_changes_nothing,
+    a_completion_in_memory_drops_older_stored_copies,
+    settling_a_version_removes_it_and_older_entries_only,
+    an_outbox_entry_is_resent_only_after_its_lease_lapses,
+    parked_documents_wait_in_the_outbox_due_at_once,
+    the_orphan_sweep_takes_only_old_incomplete_items,
+    swept_orphans_to_deliver_go_through_the_outbox,
     dead_letters_are_appended,
 );
 
@@ -298,7 +443,7 @@ async fn embedded_data_survives_reopening() {
     let backend = Backend::start(StateBackend::Embedded).await;
     let store = backend.open().await;
     assert_persisted(merge_one(&store, one("partial", TEXT, 0, meta(json!({"k": "v"})))).await);
-    let token = complete(&store, "done").await.outbox.unwrap();
+    let first = complete(&store, "done").await;
     store
         .dead_letter(&[DeadLetter {
             id: "dead".into(),
@@ -317,13 +462,13 @@ async fn embedded_data_survives_reopening() {
     assert_eq!(store.inspect("partial").await.unwrap().partial, 0b01);
     let doc = completed(merge_one(&store, one("partial", IMAGE, 0, None)).await);
     assert_eq!(doc.vectors, vec![part_vector("partial", TEXT, 0), part_vector("partial", IMAGE, 0)]);
-    assert_eq!(doc.metadata.map(Value::Object), Some(json!({"k": "v"})));
-    let resent = store.claim_outbox(Duration::ZERO, 10).await.unwrap();
-    let done = resent.iter().find(|d| d.id == "done").expect("the unconfirmed completion is still there");
-    assert_eq!(done.outbox.as_deref(), Some(token.as_str()));
+    assert_eq!(doc.metadata.clone().map(Value::Object), Some(json!({"k": "v"})));
+    store.renew(&["done".into()], Duration::ZERO).await.unwrap();
+    let resent = found(store.claim_outbox(LEASE, 10).await.unwrap());
+    let done = resent.iter().find(|d| d.id == "done").expect("the unsettled completion is still there");
+    assert_eq!((done.version(), &done.vectors), (first.version(), &first.vectors));
     assert_eq!(backend.dead_letters(&store).await.len(), 1);
-    // Tokens of the new open differ from the old one's.
-    assert_ne!(doc.outbox.unwrap(), token);
+    assert!(doc.version() > first.version());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

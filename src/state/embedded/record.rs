@@ -1,68 +1,85 @@
-//! The value the embedded store keeps per item (a partial, or an outbox entry): what a
-//! Redis hash holds, in one binary record. Parts are kept by type name, not by slot, so a
+//! The values the embedded store keeps: an item's record (what the Redis item hash holds)
+//! and an outbox entry, in one binary layout. Parts are kept by type name, not by slot, so a
 //! record stays readable when the configured parts change (unknown ones are ignored, as
 //! Redis ignores unknown hash fields).
 //!
-//! Layout, all integers little-endian: version `u8` (1), stamp `u64`, token (`u32` length
-//! or `u32::MAX` for none, bytes), part count `u16`, then per part: name (`u16` length,
-//! bytes), vector (`u32` length, f32 LE bytes), metadata JSON (`u32` length or `u32::MAX`).
+//! Layout, all integers little-endian: format `u8` (2), updated `u64` (ms), version `u64`
+//! (0: none), orphan `u8` (0 none, 1 partial, 2 late), part count `u16`, then per part:
+//! name (`u16` length, bytes), stamp `u64`, vector (`u32` length or `u32::MAX` for none,
+//! f32 LE bytes), metadata JSON (`u32` length or `u32::MAX`).
 
+use crate::model::document::OrphanKind;
 use crate::state::StateError;
 
-const VERSION: u8 = 1;
+const FORMAT: u8 = 2;
 const NONE: u32 = u32::MAX;
 
-/// One stored part.
+/// One part type of an item.
 #[derive(Debug, Clone, PartialEq)]
 pub struct StoredPart {
     pub type_name: String,
-    /// The vector as f32 little-endian bytes.
-    pub vector: Vec<u8>,
-    /// The part's metadata as JSON, if it carried any.
+    /// The stamp of the newest copy known.
+    pub stamp: u64,
+    /// That copy's vector as f32 little-endian bytes, while it waits for the other parts
+    /// (always set in an outbox entry).
+    pub vector: Option<Vec<u8>>,
+    /// That copy's metadata as JSON, if it carried any.
     pub meta: Option<Vec<u8>>,
 }
 
-/// An item's record.
+/// An item's record, or an outbox entry.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Record {
-    /// Milliseconds since the epoch: last update of a partial, or completion (or last
-    /// claim) of an outbox entry. Also the first half of the item's index key.
-    pub stamp: u64,
-    /// The completion token of an outbox entry.
-    pub token: Option<String>,
+    /// Milliseconds since the epoch of the last update (the partial index's key).
+    pub updated: u64,
+    /// An item's last completion version, or an outbox entry's version; 0 for none.
+    pub version: u64,
+    /// For an outbox entry made of an orphan's parts.
+    pub orphan: Option<OrphanKind>,
     pub parts: Vec<StoredPart>,
 }
 
 impl Record {
-    /// Sets a part. Its metadata replaces the stored one only when it has some, like the
-    /// Redis merge, which writes `meta:<part>` only when the part carries metadata.
-    pub fn set(&mut self, type_name: &str, vector: Vec<u8>, meta: Option<Vec<u8>>) {
-        match self.parts.iter_mut().find(|p| p.type_name == type_name) {
-            Some(part) => {
-                part.vector = vector;
-                if meta.is_some() {
-                    part.meta = meta;
-                }
-            }
-            None => self.parts.push(StoredPart { type_name: type_name.to_owned(), vector, meta }),
-        }
-    }
-
     pub fn part(&self, type_name: &str) -> Option<&StoredPart> {
         self.parts.iter().find(|p| p.type_name == type_name)
     }
 
+    /// The stamp known for a part type (0: none).
+    pub fn stamp(&self, type_name: &str) -> u64 {
+        self.part(type_name).map_or(0, |p| p.stamp)
+    }
+
+    /// Sets a part's copy, replacing any older one (the caller compared stamps).
+    pub fn set(&mut self, type_name: &str, stamp: u64, vector: Option<Vec<u8>>, meta: Option<Vec<u8>>) {
+        let new = StoredPart { type_name: type_name.to_owned(), stamp, vector, meta };
+        match self.parts.iter_mut().find(|p| p.type_name == type_name) {
+            Some(part) => *part = new,
+            None => self.parts.push(new),
+        }
+    }
+
+    /// Whether some part's copy waits here for the others.
+    pub fn has_pending(&self) -> bool {
+        self.parts.iter().any(|p| p.vector.is_some())
+    }
+
     pub fn encode(&self) -> Vec<u8> {
-        let size: usize = self.parts.iter().map(|p| 10 + p.type_name.len() + p.vector.len()).sum();
-        let mut out = Vec::with_capacity(size + 16 + self.token.as_ref().map_or(0, String::len));
-        out.push(VERSION);
-        out.extend_from_slice(&self.stamp.to_le_bytes());
-        put(&mut out, self.token.as_deref().map(str::as_bytes));
+        let size: usize = self.parts.iter().map(|p| 30 + p.type_name.len() + p.vector.as_ref().map_or(0, Vec::len)).sum();
+        let mut out = Vec::with_capacity(size + 24);
+        out.push(FORMAT);
+        out.extend_from_slice(&self.updated.to_le_bytes());
+        out.extend_from_slice(&self.version.to_le_bytes());
+        out.push(match self.orphan {
+            None => 0,
+            Some(OrphanKind::Partial) => 1,
+            Some(OrphanKind::Late) => 2,
+        });
         out.extend_from_slice(&(self.parts.len() as u16).to_le_bytes());
         for part in &self.parts {
             out.extend_from_slice(&(part.type_name.len() as u16).to_le_bytes());
             out.extend_from_slice(part.type_name.as_bytes());
-            put(&mut out, Some(&part.vector));
+            out.extend_from_slice(&part.stamp.to_le_bytes());
+            put(&mut out, part.vector.as_deref());
             put(&mut out, part.meta.as_deref());
         }
         out
@@ -70,24 +87,31 @@ impl Record {
 
     pub fn decode(bytes: &[u8]) -> Result<Record, StateError> {
         let mut r = Reader(bytes);
-        if r.take(1)? != [VERSION] {
-            return Err(corrupt("unknown record version"));
+        if r.take(1)? != [FORMAT] {
+            return Err(corrupt("unknown record format (written by an older version: drain it with that version)"));
         }
-        let stamp = u64::from_le_bytes(r.take(8)?.try_into().expect("8 bytes"));
-        let token = r.optional()?.map(|t| String::from_utf8(t.to_vec())).transpose().map_err(|_| corrupt("token"))?;
+        let updated = r.u64()?;
+        let version = r.u64()?;
+        let orphan = match r.take(1)?[0] {
+            0 => None,
+            1 => Some(OrphanKind::Partial),
+            2 => Some(OrphanKind::Late),
+            _ => return Err(corrupt("orphan kind")),
+        };
         let count = u16::from_le_bytes(r.take(2)?.try_into().expect("2 bytes"));
         let mut parts = Vec::with_capacity(count as usize);
         for _ in 0..count {
             let len = u16::from_le_bytes(r.take(2)?.try_into().expect("2 bytes"));
             let type_name = std::str::from_utf8(r.take(len as usize)?).map_err(|_| corrupt("part name"))?.to_owned();
-            let vector = r.optional()?.ok_or_else(|| corrupt("vector"))?.to_vec();
+            let stamp = r.u64()?;
+            let vector = r.optional()?.map(<[u8]>::to_vec);
             let meta = r.optional()?.map(<[u8]>::to_vec);
-            parts.push(StoredPart { type_name, vector, meta });
+            parts.push(StoredPart { type_name, stamp, vector, meta });
         }
         if !r.0.is_empty() {
             return Err(corrupt("trailing bytes"));
         }
-        Ok(Record { stamp, token, parts })
+        Ok(Record { updated, version, orphan, parts })
     }
 }
 
@@ -117,6 +141,10 @@ impl<'a> Reader<'a> {
         Ok(head)
     }
 
+    fn u64(&mut self) -> Result<u64, StateError> {
+        Ok(u64::from_le_bytes(self.take(8)?.try_into().expect("8 bytes")))
+    }
+
     fn optional(&mut self) -> Result<Option<&'a [u8]>, StateError> {
         let len = u32::from_le_bytes(self.take(4)?.try_into().expect("4 bytes"));
         if len == NONE {
@@ -132,9 +160,9 @@ mod tests {
 
     #[test]
     fn a_record_round_trips_and_a_truncated_one_is_an_error() {
-        let mut r = Record { stamp: 42, token: Some("ab-1".into()), parts: Vec::new() };
-        r.set("T", vec![1, 2, 3, 4], Some(b"{\"a\":1}".to_vec()));
-        r.set("I", vec![5; 8], None);
+        let mut r = Record { updated: 42, version: 7, orphan: Some(OrphanKind::Late), parts: Vec::new() };
+        r.set("T", 5, Some(vec![1, 2, 3, 4]), Some(b"{\"a\":1}".to_vec()));
+        r.set("I", 7, None, None);
         let bytes = r.encode();
         assert_eq!(Record::decode(&bytes).unwrap(), r);
         assert!(Record::decode(&bytes[..bytes.len() - 1]).is_err());
@@ -142,12 +170,13 @@ mod tests {
     }
 
     #[test]
-    fn a_part_without_metadata_keeps_the_stored_metadata() {
+    fn a_newer_copy_replaces_vector_and_metadata_together() {
         let mut r = Record::default();
-        r.set("T", vec![1; 4], Some(b"{}".to_vec()));
-        r.set("T", vec![2; 4], None);
+        r.set("T", 1, Some(vec![1; 4]), Some(b"{}".to_vec()));
+        r.set("T", 2, Some(vec![2; 4]), None);
         assert_eq!(r.parts.len(), 1);
-        assert_eq!(r.part("T").unwrap().vector, vec![2; 4]);
-        assert_eq!(r.part("T").unwrap().meta.as_deref(), Some(&b"{}"[..]));
+        assert_eq!(r.part("T").unwrap().vector.as_deref(), Some(&[2u8; 4][..]));
+        assert_eq!(r.part("T").unwrap().meta, None);
+        assert!(r.has_pending());
     }
 }
