@@ -7,9 +7,11 @@
 //! and in the store is reported as `memory`: that copy is the newer, and it replaces the
 //! stored one at the next flush.
 //!
-//! What is not seen: a document that completed in memory and is queued in (or being sent
-//! by) the bulk writer, and anything after the sink confirmed it. Both answer 404, as does
-//! an unknown id.
+//! A completed item is remembered by the store (the stamps of its parts, no vectors) for
+//! `state.remember_completed`: `completed_version` says which version was last completed.
+//! What is not seen: a document that completed in memory and whose completion the store has
+//! not recorded yet (at its shard's next flush), and anything the store no longer
+//! remembers. An id with nothing known answers 404.
 
 use std::time::Duration;
 
@@ -50,6 +52,8 @@ pub struct ItemStatus<'a> {
     /// The item completed in the state store and its document waits in the outbox until the
     /// sink confirms it.
     pub awaiting_sink: bool,
+    /// The version of the item's last completion, while the store remembers it.
+    pub completed_version: Option<u64>,
 }
 
 fn ordered_map<S: Serializer>(parts: &[(&str, Location)], s: S) -> Result<S::Ok, S::Error> {
@@ -76,11 +80,12 @@ pub async fn get(state: web::Data<AppState>, id: web::Path<String>) -> Result<Ht
         .await
         .map_err(|_| ApiError::StateUnavailable(format!("no answer within {STORE_WAIT:?}")))?
         .map_err(|e| ApiError::StateUnavailable(e.to_string()))?;
-    if in_memory == 0 && stored.partial == 0 && !stored.in_outbox {
+    if in_memory == 0 && stored.partial == 0 && !stored.in_outbox && stored.completed.is_none() {
         return Err(unknown(&id));
     }
     let outbox = if stored.in_outbox { state.schema.complete_mask() } else { 0 };
-    let status = describe(&state.schema, id, in_memory, stored.partial | outbox, stored.in_outbox);
+    let mut status = describe(&state.schema, id, in_memory, stored.partial | outbox, stored.in_outbox);
+    status.completed_version = stored.completed;
     Ok(HttpResponse::Ok().json(status))
 }
 
@@ -98,13 +103,13 @@ fn describe(schema: &Schema, id: String, memory: u32, store: u32, in_outbox: boo
             missing.push(name);
         }
     }
-    ItemStatus { id, parts, complete: missing.is_empty(), missing, awaiting_sink: in_outbox }
+    ItemStatus { id, parts, complete: missing.is_empty(), missing, awaiting_sink: in_outbox, completed_version: None }
 }
 
 fn unknown(id: &str) -> ApiError {
     // The id is echoed as JSON (escaped), truncated so that the error stays small.
     let shown: String = id.chars().take(64).collect();
-    ApiError::NotFound(format!("nothing is known of item {shown:?}: no part held in memory or in the state store (documents already handed to the sink are not tracked: look in the index)"))
+    ApiError::NotFound(format!("nothing is known of item {shown:?}: no part held in memory or in the state store, and no completion remembered (look in the index)"))
 }
 
 #[cfg(test)]
@@ -120,7 +125,8 @@ mod tests {
         assert_eq!(
             v,
             serde_json::json!({"id": "sku-1", "parts": {"EMBEDDINGS_TEXT": "memory"},
-                "missing": ["EMBEDDINGS_IMAGE"], "complete": false, "awaiting_sink": false})
+                "missing": ["EMBEDDINGS_IMAGE"], "complete": false, "awaiting_sink": false,
+                "completed_version": null})
         );
         let s = describe(&schema, "sku-1".into(), 0b01, 0b10, false);
         assert!(s.complete && !s.awaiting_sink);

@@ -207,35 +207,31 @@ impl ShardActor {
         }
     }
 
-    async fn apply(&mut self, parts: Vec<Part>) {
+    /// Applies a message's parts. The parts of one item in one message are applied
+    /// together before the item is checked for completeness, so a request that carries
+    /// every part of an item completes it with exactly those copies (a stable sort groups
+    /// them; stamps, not positions, decide which copy is newest).
+    async fn apply(&mut self, mut parts: Vec<Part>) {
         let mut complete = Vec::new();
         let slots = self.schema.len();
-        for mut part in parts {
+        parts.sort_by(|a, b| a.id.cmp(&b.id));
+        let mut parts = parts.into_iter().peekable();
+        while let Some(mut part) = parts.next() {
+            let last_of_item = parts.peek().is_none_or(|next| next.id != part.id);
             let id = std::mem::take(&mut part.id);
             let partial = match self.partials.get_mut(&id) {
-                Some(partial) => {
-                    let before = partial.vector_bytes();
-                    partial.apply(part);
-                    self.bytes = self.bytes + partial.vector_bytes() - before;
-                    if !partial.is_complete(&self.schema) {
-                        continue;
-                    }
-                    let partial = self.partials.remove(&id).expect("present");
-                    self.bytes -= partial.vector_bytes();
-                    partial
-                }
-                None => {
-                    let mut partial = Partial::new(slots, part.received_at);
-                    partial.apply(part);
-                    if !partial.is_complete(&self.schema) {
-                        self.bytes += partial.vector_bytes();
-                        self.partials.insert(id, partial);
-                        continue;
-                    }
-                    partial
-                }
+                Some(partial) => partial,
+                None => self.partials.entry(id.clone()).or_insert_with(|| Partial::new(slots, part.received_at)),
             };
+            let before = partial.vector_bytes();
+            partial.apply(part);
+            self.bytes = self.bytes + partial.vector_bytes() - before;
+            if !last_of_item || !partial.is_complete(&self.schema) {
+                continue;
+            }
             // Complete in memory: it leaves at once; the store hears of it at the next flush.
+            let partial = self.partials.remove(&id).expect("present");
+            self.bytes -= partial.vector_bytes();
             self.completed.push(Completion { id: id.clone(), stamps: partial.stamps.clone() });
             complete.push(partial.into_document(id));
         }

@@ -58,7 +58,9 @@ async fn the_defaults_join_parts_into_a_bulk_file_with_no_server() {
     let lines = output_lines(&out);
     assert_eq!(lines.len(), 2, "{lines:?}");
     let action: Value = serde_json::from_str(&lines[0]).unwrap();
-    assert_eq!(action, serde_json::json!({"index": {"_id": "sku-1"}}));
+    assert_eq!(action["index"]["_id"], "sku-1");
+    assert_eq!(action["index"]["version_type"], "external_gte", "a later load keeps the newest version");
+    assert!(action["index"]["version"].as_u64().is_some_and(|v| v > 0));
     assert_eq!(serde_json::from_str::<Value>(&lines[1]).unwrap(), source);
     assert!(std::fs::read(out.join("embedjoin-000001.ndjson")).unwrap().ends_with(b"\n"));
     assert!(dir.path().join("data").join("embedjoin.db").exists(), "the state store is on disk");

@@ -66,13 +66,14 @@ async fn documents_tells_where_each_part_is_until_the_sink_confirms() {
     assert_eq!(
         body,
         json!({"id": "sku-1", "parts": {"EMBEDDINGS_TEXT": "store", "EMBEDDINGS_IMAGE": "memory"},
-               "missing": [], "complete": true, "awaiting_sink": false})
+               "missing": [], "complete": true, "awaiting_sink": false, "completed_version": null})
     );
     let (_, body) = get(&a, "/documents/sku-1").await;
     assert_eq!(
         body,
         json!({"id": "sku-1", "parts": {"EMBEDDINGS_TEXT": "store"},
-               "missing": ["EMBEDDINGS_IMAGE"], "complete": false, "awaiting_sink": false})
+               "missing": ["EMBEDDINGS_IMAGE"], "complete": false, "awaiting_sink": false,
+               "completed_version": null})
     );
 
     // With the sink held, the item completes in the store and waits in the outbox...
@@ -83,9 +84,16 @@ async fn documents_tells_where_each_part_is_until_the_sink_confirms() {
     assert_eq!(body["complete"], true);
     let text = body.to_string();
     assert!(!text.contains("0."), "vectors must never be returned: {text}");
-    // ...until the sink confirms it; then nothing is known of it any more.
+    let version = body["completed_version"].as_u64().expect("the completion is remembered");
+    // ...until the sink confirms it; then only its completion is remembered.
     standin.faults().resume();
-    wait_for(&a, "/documents/sku-1", |status, _| status == 404).await;
+    let body = wait_for(&a, "/documents/sku-1", |_, v| v["awaiting_sink"] == false).await;
+    assert_eq!(
+        body,
+        json!({"id": "sku-1", "parts": {}, "missing": ["EMBEDDINGS_TEXT", "EMBEDDINGS_IMAGE"],
+               "complete": false, "awaiting_sink": false, "completed_version": version})
+    );
+    assert_eq!(es.doc("sku-1").await.unwrap().version, version, "the index holds that version");
 
     a.stop().await.unwrap();
     b.stop().await.unwrap();

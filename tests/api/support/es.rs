@@ -19,7 +19,10 @@ pub struct EsTarget {
 /// A stored document: how many times it was indexed, and its source.
 #[derive(Debug, Clone)]
 pub struct StoredDoc {
+    /// `_version`: embedjoin's external version (the newest part's stamp).
     pub version: u64,
+    /// `_seq_no` of its last write (one primary shard: it counts writes to the index).
+    pub seq_no: u64,
     pub source: Value,
 }
 
@@ -88,7 +91,8 @@ impl EsTarget {
                 if d["found"] == true {
                     let id = d["_id"].as_str().unwrap().to_owned();
                     let version = d["_version"].as_u64().unwrap();
-                    out.insert(id, StoredDoc { version, source: d["_source"].clone() });
+                    let seq_no = d["_seq_no"].as_u64().expect("_seq_no");
+                    out.insert(id, StoredDoc { version, seq_no, source: d["_source"].clone() });
                 }
             }
         }
@@ -97,6 +101,13 @@ impl EsTarget {
 
     pub async fn doc(&self, id: &str) -> Option<StoredDoc> {
         self.docs(&[id.to_owned()]).await.remove(id)
+    }
+
+    /// Indexes a document directly, with an external version (as another writer would).
+    pub async fn put_versioned(&self, id: &str, source: &Value, version: u64) {
+        let url = format!("{}/{}/_doc/{id}?version={version}&version_type=external_gte&refresh=true", self.url, self.index);
+        let r = self.http.put(url).json(source).send().await.unwrap();
+        assert!(r.status().is_success(), "PUT _doc: {} {}", r.status(), r.text().await.unwrap_or_default());
     }
 
     pub async fn mapping(&self) -> Value {

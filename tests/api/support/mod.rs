@@ -7,4 +7,5 @@ pub mod es;
 pub mod es_standin;
 pub mod load;
 pub mod process;
+pub mod proxy;
 pub mod redis_server;
