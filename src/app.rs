@@ -16,12 +16,12 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Settings;
+use crate::delivery::outbox::Maintenance;
+use crate::delivery::{BulkWriter, InFlight};
 use crate::http::{self, AppState, Durability};
 use crate::metrics::Metrics;
 use crate::model::ingest::Limits;
 use crate::model::Schema;
-use crate::delivery::outbox::Maintenance;
-use crate::delivery::{BulkWriter, InFlight};
 use crate::shard::{Router, ShardActor};
 use crate::sink::SinkClient;
 use crate::state::StateStore;

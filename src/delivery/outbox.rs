@@ -157,7 +157,9 @@ impl Maintenance {
                         tracing::warn!(error = %e, "Cannot remove dead-lettered entries from the outbox; they are read again later.");
                     }
                 }
-                Err(e) => tracing::error!(error = %e, "Cannot store dead letters for unreadable items; they stay in the store."),
+                Err(e) => {
+                    tracing::error!(error = %e, "Cannot store dead letters for unreadable items; they stay in the store.")
+                }
             }
         }
         docs

@@ -139,8 +139,7 @@ fn sort_items(
                 retry.push(doc);
             }
             Verdict::Retry => {
-                let reason =
-                    format!("gave up after {attempts} attempts; last: {} {error_type}: {reason}", item.status);
+                let reason = format!("gave up after {attempts} attempts; last: {} {error_type}: {reason}", item.status);
                 let letter = letter(&doc, Some(item.status), "retries_exhausted".into(), reason, attempts);
                 letters.push((doc, letter));
             }

@@ -31,8 +31,8 @@ use tokio::time::MissedTickBehavior;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::ShardSettings;
-use crate::metrics::{CompletedIn, CompletedLabels, Metrics, ShardLabels};
 use crate::delivery::WriterHandle;
+use crate::metrics::{CompletedIn, CompletedLabels, Metrics, ShardLabels};
 use crate::model::ack::ack_all;
 use crate::model::document::Partial;
 use crate::model::{Document, Part, Schema};

@@ -277,7 +277,12 @@ impl Inner {
         Ok(out)
     }
 
-    fn merge(&self, tx: &WriteTransaction, batch: Vec<Writes>, lease_until: u64) -> Result<Vec<MergeOutcome>, StateError> {
+    fn merge(
+        &self,
+        tx: &WriteTransaction,
+        batch: Vec<Writes>,
+        lease_until: u64,
+    ) -> Result<Vec<MergeOutcome>, StateError> {
         let mut items = Items::open(tx, self.remember_ms)?;
         let (mut outbox, mut outbox_index) = (tx.open_table(OUTBOX)?, tx.open_table(OUTBOX_INDEX)?);
         let now = now_ms();
@@ -299,7 +304,8 @@ impl Inner {
                     wrote = true;
                 }
             }
-            let complete = self.schema.parts().iter().all(|p| record.part(&p.type_name).is_some_and(|p| p.vector.is_some()));
+            let complete =
+                self.schema.parts().iter().all(|p| record.part(&p.type_name).is_some_and(|p| p.vector.is_some()));
             if !wrote || !complete {
                 if wrote {
                     record.updated = now;
@@ -529,7 +535,9 @@ impl Inner {
             if doc.vectors[slot].is_empty() {
                 continue;
             }
-            let meta = (slot == 0).then(|| doc.metadata.as_ref().map(|m| serde_json::to_vec(m).expect("serialises"))).flatten();
+            let meta = (slot == 0)
+                .then(|| doc.metadata.as_ref().map(|m| serde_json::to_vec(m).expect("serialises")))
+                .flatten();
             entry.set(&part.type_name, doc.stamps[slot], Some(super::redis::f32_le_bytes(&doc.vectors[slot])), meta);
         }
         entry

@@ -108,9 +108,14 @@ impl StoredEntry {
     /// Sets a slot's vector from f32 little-endian bytes, which must be `dims` floats.
     pub fn set_vector(&mut self, id: &str, slot: usize, type_name: &str, dims: usize, bytes: &[u8]) {
         if bytes.len() != dims * 4 {
-            return self.fail(format!("{id}: {type_name} holds {} bytes, expected {} ({dims} dims)", bytes.len(), dims * 4));
+            return self.fail(format!(
+                "{id}: {type_name} holds {} bytes, expected {} ({dims} dims)",
+                bytes.len(),
+                dims * 4
+            ));
         }
-        self.vectors[slot] = Some(bytes.chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().expect("4 bytes"))).collect());
+        self.vectors[slot] =
+            Some(bytes.chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().expect("4 bytes"))).collect());
     }
 
     /// The outbox document of this entry: a completed item needs every part; an orphan

@@ -449,8 +449,8 @@ impl RedisStore {
                 entry.orphan = Some(if value.as_slice() == b"late" { OrphanKind::Late } else { OrphanKind::Partial });
             } else if let Some(type_name) = field.strip_prefix(STAMP_PREFIX) {
                 if let Some(slot) = self.schema.slot_of(type_name) {
-                    entry.stamps[slot] =
-                        number().unwrap_or_else(|| entry.fail(format!("{id}: the stamp of {type_name} is not a number")));
+                    entry.stamps[slot] = number()
+                        .unwrap_or_else(|| entry.fail(format!("{id}: the stamp of {type_name} is not a number")));
                 }
             } else if let Some(type_name) = field.strip_prefix(META_PREFIX) {
                 if let Some(slot) = self.schema.slot_of(type_name) {

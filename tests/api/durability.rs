@@ -375,7 +375,10 @@ async fn four_instances_with_duplicates_index_every_item_with_its_vectors() {
     let sent = post_all(&refs, batches, 8).await;
 
     let writes = assert_indexed_exactly(&es, &ids).await;
-    eprintln!("four instances: parts sent {sent} ({duplicates} duplicates), items indexed {}, index writes {writes}", ids.len());
+    eprintln!(
+        "four instances: parts sent {sent} ({duplicates} duplicates), items indexed {}, index writes {writes}",
+        ids.len()
+    );
     for app in apps {
         app.stop().await.unwrap();
     }

@@ -40,7 +40,8 @@ struct Copy {
 
 fn copy_of(id: &str, slot: usize, copy: u32, with_meta: bool) -> Copy {
     let (type_name, _, dims) = PARTS[slot];
-    let metadata: Option<Metadata> = with_meta.then(|| json!({ format!("m{slot}"): copy }).as_object().cloned()).flatten();
+    let metadata: Option<Metadata> =
+        with_meta.then(|| json!({ format!("m{slot}"): copy }).as_object().cloned()).flatten();
     Copy { part: Part::new(id.to_owned(), slot, vector(id, type_name, dims, copy), metadata), copy }
 }
 
@@ -170,12 +171,22 @@ async fn any_interleaving_indexes_the_newest_copies_and_leaves_nothing_behind() 
             let mut meta = serde_json::Map::new();
             for (slot, c) in round.iter().enumerate() {
                 let (type_name, field, dims) = PARTS[slot];
-                assert_eq!(stored_vector(&doc.source, field), vector(&name, type_name, dims, c.copy), "{}: {field}", context(&name));
+                assert_eq!(
+                    stored_vector(&doc.source, field),
+                    vector(&name, type_name, dims, c.copy),
+                    "{}: {field}",
+                    context(&name)
+                );
                 meta.extend(c.part.metadata.clone().unwrap_or_default());
             }
             for slot in 0..PARTS.len() {
                 let key = format!("m{slot}");
-                assert_eq!(doc.source.get(&key), meta.get(&key), "{}: metadata of the closing copies only", context(&name));
+                assert_eq!(
+                    doc.source.get(&key),
+                    meta.get(&key),
+                    "{}: metadata of the closing copies only",
+                    context(&name)
+                );
             }
         }
         for (name, doc) in &indexed {

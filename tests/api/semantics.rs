@@ -57,10 +57,7 @@ fn has_copy(doc: &StoredDoc, id: &str, kind: &str, copy: u32) -> bool {
 
 fn metric(pipeline: &Pipeline, name: &str) -> f64 {
     let text = pipeline.metrics.render();
-    text.lines()
-        .filter(|l| l.starts_with(name))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
+    text.lines().filter(|l| l.starts_with(name)).filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok()).sum()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -69,7 +66,7 @@ async fn a_stale_copy_never_comes_back_after_a_completion_in_memory() {
     let pipeline = Pipeline::start(&settings(&redis, &es)).await.unwrap();
     pipeline.router.submit(vec![part("x", TEXT, 1, None)]).await.unwrap();
     pipeline.router.flush().await.unwrap(); // Redis holds TEXT v1; memory evicts it
-    // A client retrying after a 503 sends both parts again, TEXT newer.
+                                            // A client retrying after a 503 sends both parts again, TEXT newer.
     pipeline.router.submit(vec![part("x", TEXT, 2, None), part("x", IMAGE, 0, None)]).await.unwrap();
     wait_for_doc(&es, "x", |d| has_copy(d, "x", TEXT, 2)).await;
     pipeline.router.flush().await.unwrap();
@@ -144,7 +141,11 @@ async fn a_copy_sent_again_without_metadata_has_none_in_memory_and_in_the_store(
     let pipeline = Pipeline::start(&settings(&redis, &es)).await.unwrap();
     let tagged = || Some(json!({"title": "old"}));
     // In memory.
-    pipeline.router.submit(vec![part("m", TEXT, 0, tagged()), part("m", TEXT, 1, None), part("m", IMAGE, 0, None)]).await.unwrap();
+    pipeline
+        .router
+        .submit(vec![part("m", TEXT, 0, tagged()), part("m", TEXT, 1, None), part("m", IMAGE, 0, None)])
+        .await
+        .unwrap();
     // Through the store.
     pipeline.router.submit(vec![part("s", TEXT, 0, tagged())]).await.unwrap();
     pipeline.router.flush().await.unwrap();
@@ -165,8 +166,15 @@ async fn an_unreadable_orphan_is_dead_lettered_with_its_id_and_the_others_are_sw
     let (redis, es) = (RedisServer::start().await, EsTarget::start().await);
     let mut conn = redis.connection().await;
     // A partial stored when the configured dims were different: 3 floats, not 8.
-    let _: () = redis::cmd("HSET").arg("embedjoin:{bad}").arg(TEXT).arg(vec![0u8; 12]).arg(format!("s:{TEXT}")).arg(1)
-        .query_async(&mut conn).await.unwrap();
+    let _: () = redis::cmd("HSET")
+        .arg("embedjoin:{bad}")
+        .arg(TEXT)
+        .arg(vec![0u8; 12])
+        .arg(format!("s:{TEXT}"))
+        .arg(1)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
     let _: () = redis::cmd("ZADD").arg("embedjoin:partials").arg(0).arg("bad").query_async(&mut conn).await.unwrap();
     let mut s = settings(&redis, &es);
     s.durability.orphans = OrphanAction::Index;
@@ -179,7 +187,8 @@ async fn an_unreadable_orphan_is_dead_lettered_with_its_id_and_the_others_are_sw
     assert_eq!(doc.source["incomplete"], true, "the readable orphan went through as configured");
     let deadline = Instant::now() + Duration::from_secs(30);
     let letters: Vec<String> = loop {
-        let l: Vec<String> = redis::cmd("LRANGE").arg("embedjoin:deadletter").arg(0).arg(-1).query_async(&mut conn).await.unwrap();
+        let l: Vec<String> =
+            redis::cmd("LRANGE").arg("embedjoin:deadletter").arg(0).arg(-1).query_async(&mut conn).await.unwrap();
         if !l.is_empty() || Instant::now() > deadline {
             break l;
         }

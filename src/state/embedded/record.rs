@@ -64,7 +64,8 @@ impl Record {
     }
 
     pub fn encode(&self) -> Vec<u8> {
-        let size: usize = self.parts.iter().map(|p| 30 + p.type_name.len() + p.vector.as_ref().map_or(0, Vec::len)).sum();
+        let size: usize =
+            self.parts.iter().map(|p| 30 + p.type_name.len() + p.vector.as_ref().map_or(0, Vec::len)).sum();
         let mut out = Vec::with_capacity(size + 24);
         out.push(FORMAT);
         out.extend_from_slice(&self.updated.to_le_bytes());

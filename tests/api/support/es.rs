@@ -105,7 +105,8 @@ impl EsTarget {
 
     /// Indexes a document directly, with an external version (as another writer would).
     pub async fn put_versioned(&self, id: &str, source: &Value, version: u64) {
-        let url = format!("{}/{}/_doc/{id}?version={version}&version_type=external_gte&refresh=true", self.url, self.index);
+        let url =
+            format!("{}/{}/_doc/{id}?version={version}&version_type=external_gte&refresh=true", self.url, self.index);
         let r = self.http.put(url).json(source).send().await.unwrap();
         assert!(r.status().is_success(), "PUT _doc: {} {}", r.status(), r.text().await.unwrap_or_default());
     }

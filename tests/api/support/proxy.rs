@@ -80,13 +80,16 @@ async fn pipe(client: TcpStream, server: TcpStream, shared: Arc<Shared>) {
                 Ok(0) | Err(_) => break,
                 Ok(n) => n,
             };
+            // Decided before the request is forwarded, so that its reply cannot slip through.
+            {
+                let mut armed = up_shared.armed.lock().unwrap();
+                if armed.as_ref().is_some_and(|p| buf[..n].windows(p.len()).any(|w| w == p.as_slice())) {
+                    *armed = None;
+                    up_cut.store(true, Ordering::SeqCst);
+                }
+            }
             if server_wr.write_all(&buf[..n]).await.is_err() {
                 break;
-            }
-            let mut armed = up_shared.armed.lock().unwrap();
-            if armed.as_ref().is_some_and(|p| buf[..n].windows(p.len()).any(|w| w == p.as_slice())) {
-                *armed = None;
-                up_cut.store(true, Ordering::SeqCst);
             }
         }
     });
