@@ -57,8 +57,6 @@ impl Pipeline {
         let in_flight = InFlight::default();
         let (writer_handle, writer) = BulkWriter::spawn(
             settings,
-            // Each message holds up to a flush of documents: bound it tightly.
-            settings.shard_count().max(4),
             schema.clone(),
             sink.clone(),
             store.clone(),
@@ -70,12 +68,11 @@ impl Pipeline {
             .map(|i| {
                 ShardActor::spawn(
                     i,
-                    &settings.shards,
+                    settings,
                     schema.clone(),
                     store.clone(),
                     writer_handle.clone(),
                     metrics.clone(),
-                    settings.durability.outbox_resend_after,
                     cancel.clone(),
                 )
             })

@@ -67,7 +67,6 @@ impl BulkWriter {
     /// holds. Once `give_up` fires, deliveries stop and park what is unsettled.
     pub fn spawn(
         settings: &Settings,
-        mailbox_capacity: usize,
         schema: Schema,
         sink: SinkClient,
         store: StateStore,
@@ -76,7 +75,8 @@ impl BulkWriter {
         give_up: CancellationToken,
     ) -> (WriterHandle, tokio::task::JoinHandle<()>) {
         let es = &settings.elasticsearch;
-        let (tx, rx) = mpsc::channel(mailbox_capacity);
+        // Each message holds up to a flush of documents: bound it tightly.
+        let (tx, rx) = mpsc::channel(settings.shard_count().max(4));
         let orphans = settings.durability.orphans;
         let writer = BulkWriter {
             rx,

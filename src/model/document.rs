@@ -143,6 +143,21 @@ pub fn merge_metadata(parts: impl IntoIterator<Item = Option<Metadata>>) -> Opti
     merged
 }
 
+/// RFC 3339 UTC timestamp with millisecond precision, as Elasticsearch's `date` type reads it.
+pub fn rfc3339(at: SystemTime) -> String {
+    let t = time::OffsetDateTime::from(at);
+    format!(
+        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:03}Z",
+        t.year(),
+        u8::from(t.month()),
+        t.day(),
+        t.hour(),
+        t.minute(),
+        t.second(),
+        t.millisecond()
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -175,19 +190,4 @@ mod tests {
         assert_eq!(merged["lang"], "en");
         assert!(merge_metadata([None, None]).is_none());
     }
-}
-
-/// RFC 3339 UTC timestamp with millisecond precision, as Elasticsearch's `date` type reads it.
-pub fn rfc3339(at: SystemTime) -> String {
-    let t = time::OffsetDateTime::from(at);
-    format!(
-        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:03}Z",
-        t.year(),
-        u8::from(t.month()),
-        t.day(),
-        t.hour(),
-        t.minute(),
-        t.second(),
-        t.millisecond()
-    )
 }

@@ -309,7 +309,7 @@ impl<'de> Deserialize<'de> for LenientVector {
             }
             /// Binary formats (MessagePack `bin`): little-endian f32s, decoded by a copy.
             fn visit_bytes<E: de::Error>(self, v: &[u8]) -> Result<LenientVector, E> {
-                if v.len() % 4 != 0 {
+                if !v.len().is_multiple_of(4) {
                     let reason = format!(
                         "`embedding` bytes must be little-endian f32s; {} bytes is not a multiple of 4",
                         v.len()

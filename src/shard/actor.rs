@@ -30,7 +30,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::MissedTickBehavior;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::ShardSettings;
+use crate::config::Settings;
 use crate::delivery::WriterHandle;
 use crate::metrics::{CompletedIn, CompletedLabels, Metrics, ShardLabels};
 use crate::model::ack::ack_all;
@@ -116,14 +116,14 @@ impl ShardActor {
     /// Starts shard `index`; it runs until `cancel` fires or every handle is dropped.
     pub fn spawn(
         index: usize,
-        settings: &ShardSettings,
+        settings: &Settings,
         schema: Schema,
         store: StateStore,
         writer: WriterHandle,
         metrics: Arc<Metrics>,
-        lease: Duration,
         cancel: CancellationToken,
     ) -> (ShardHandle, tokio::task::JoinHandle<()>) {
+        let (lease, settings) = (settings.durability.outbox_resend_after, &settings.shards);
         let (tx, rx) = mpsc::channel(settings.mailbox_capacity);
         let actor = ShardActor {
             index,
@@ -256,21 +256,38 @@ impl ShardActor {
         {
             return;
         }
-        if !self.completed.is_empty() {
-            match self.store.remember(&self.completed).await {
-                Ok(()) => self.completed.clear(),
-                Err(error) => {
-                    self.failed_flush();
-                    tracing::warn!(shard = self.index, documents = self.completed.len(), %error, "Cannot record completions in the state store; retrying at the next flush.");
-                    return;
-                }
-            }
+        if !self.record_completions().await {
+            return;
         }
         if self.partials.is_empty() {
             self.failures = 0;
             self.retry_at = None;
             return;
         }
+        self.merge_dirty().await;
+    }
+
+    /// Records the completions decided in memory since the last flush; `false` if the
+    /// store failed (they are kept for the next flush).
+    async fn record_completions(&mut self) -> bool {
+        if self.completed.is_empty() {
+            return true;
+        }
+        match self.store.remember(&self.completed).await {
+            Ok(()) => {
+                self.completed.clear();
+                true
+            }
+            Err(error) => {
+                self.failed_flush();
+                tracing::warn!(shard = self.index, documents = self.completed.len(), %error, "Cannot record completions in the state store; retrying at the next flush.");
+                false
+            }
+        }
+    }
+
+    /// Merges every dirty partial into the store, evicts them, and sends what completed.
+    async fn merge_dirty(&mut self) {
         let batch: Vec<(String, Partial)> = self.partials.drain().collect();
         self.metrics.store_flushes.inc();
         self.metrics.store_merges.inc_by(batch.len() as u64);

@@ -22,58 +22,74 @@
 -- with `_v` its version) after moving it to the outbox; the record stays.
 local item, outbox = KEYS[1], KEYS[2]
 local id, now, ttl, remember, lease, n = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], tonumber(ARGV[6])
-local wrote = false
-for i = 7 + n, #ARGV, 4 do
+local first = 7 + n
+-- Every part type's known stamp, and the last completion's version: one call.
+local asked, slot = {}, {}
+for i = 7, 6 + n do
+  asked[#asked + 1] = 's:' .. ARGV[i]
+  slot[ARGV[i]] = #asked
+end
+asked[#asked + 1] = '_v'
+local known = redis.call('HMGET', item, unpack(asked))
+local done = known[n + 1]
+local set, del, wrote = {}, {}, {}
+for i = first, #ARGV, 4 do
   local t, stamp = ARGV[i], ARGV[i + 1]
-  local known = redis.call('HGET', item, 's:' .. t)
-  if not known or tonumber(known) < tonumber(stamp) then
-    redis.call('HSET', item, t, ARGV[i + 2], 's:' .. t, stamp)
-    if ARGV[i + 3] == '' then
-      redis.call('HDEL', item, 'm:' .. t)
-    else
-      redis.call('HSET', item, 'm:' .. t, ARGV[i + 3])
+  local k = known[slot[t]]
+  if not k or tonumber(k) < tonumber(stamp) then
+    set[#set + 1] = t
+    set[#set + 1] = ARGV[i + 2]
+    set[#set + 1] = 's:' .. t
+    set[#set + 1] = stamp
+    if ARGV[i + 3] ~= '' then
+      set[#set + 1] = 'm:' .. t
+      set[#set + 1] = ARGV[i + 3]
+    elseif k then
+      del[#del + 1] = 'm:' .. t -- the older copy's metadata goes with it
     end
-    wrote = true
+    wrote[t] = true
+    known[slot[t]] = stamp
   end
 end
-if not wrote then
+if #set == 0 then
   return 0
 end
+redis.call('HSET', item, unpack(set))
+if #del > 0 then
+  redis.call('HDEL', item, unpack(del))
+end
 for i = 7, 6 + n do
-  if redis.call('HEXISTS', item, ARGV[i]) == 0 then
+  if not wrote[ARGV[i]] and redis.call('HEXISTS', item, ARGV[i]) == 0 then
     redis.call('PEXPIRE', item, ttl)
     redis.call('ZADD', KEYS[4], now, id)
     return 0
   end
 end
-local doc, version = {}, nil
-for i = 7, 6 + n do
-  local t = ARGV[i]
-  local got = redis.call('HMGET', item, t, 's:' .. t, 'm:' .. t)
-  got[2] = got[2] or '0' -- a part stored before stamps existed
-  doc[#doc + 1] = t
-  doc[#doc + 1] = got[1]
-  doc[#doc + 1] = 's:' .. t
-  doc[#doc + 1] = got[2]
-  if got[3] then
-    doc[#doc + 1] = 'm:' .. t
-    doc[#doc + 1] = got[3]
+-- Complete: the hash moves to the outbox as it is (RENAME: no vector is copied), and the
+-- item's key starts again as the record: the parts' stamps and the version.
+local record, version = {}, nil
+for j = 1, n do
+  local stamp = known[j] or '0' -- a part stored before stamps existed
+  record[#record + 1] = asked[j]
+  record[#record + 1] = stamp
+  if not version or tonumber(stamp) > tonumber(version) then
+    version = stamp
   end
-  if not version or tonumber(got[2]) > tonumber(version) then
-    version = got[2]
-  end
-  redis.call('HDEL', item, t, 'm:' .. t)
 end
-doc[#doc + 1] = '_v'
-doc[#doc + 1] = version
-redis.call('HSET', item, '_v', version)
-redis.call('PEXPIRE', item, remember)
+record[#record + 1] = '_v'
+record[#record + 1] = version
 redis.call('ZREM', KEYS[4], id)
-local queued = redis.call('HGET', outbox, '_v')
-if queued and tonumber(queued) >= tonumber(version) then
-  return 0 -- a newer completion already waits in the outbox
+if done and tonumber(done) >= tonumber(version) then
+  -- A completion as new or newer was made before (and waits or was delivered).
+  redis.call('DEL', item)
+  redis.call('HSET', item, unpack(record))
+  redis.call('PEXPIRE', item, remember)
+  return 0
 end
-redis.call('DEL', outbox)
-redis.call('HSET', outbox, unpack(doc))
+redis.call('HSET', item, '_v', version)
+redis.call('RENAME', item, outbox) -- replaces an older completion waiting there
+redis.call('PERSIST', outbox)
+redis.call('HSET', item, unpack(record))
+redis.call('PEXPIRE', item, remember)
 redis.call('ZADD', KEYS[3], lease, id)
-return doc
+return redis.call('HGETALL', outbox)

@@ -8,21 +8,47 @@
 -- ARGV[1]  the item id              ARGV[2]  TTL of a completed item's record, ms
 -- ARGV[3]  the completion's version
 -- ARGV[4 ..] per part: type, stamp
-local item = KEYS[1]
+local item, version = KEYS[1], ARGV[3]
+if redis.call('EXISTS', item) == 0 then
+  -- Nothing stored (the common case): just the record.
+  local record = {'_v', version}
+  for i = 4, #ARGV, 2 do
+    record[#record + 1] = 's:' .. ARGV[i]
+    record[#record + 1] = ARGV[i + 1]
+  end
+  redis.call('HSET', item, unpack(record))
+  redis.call('PEXPIRE', item, ARGV[2])
+  return 1
+end
+local asked = {'_v'}
 for i = 4, #ARGV, 2 do
-  local t, stamp = ARGV[i], ARGV[i + 1]
-  local known = redis.call('HGET', item, 's:' .. t)
-  if not known or tonumber(known) <= tonumber(stamp) then
-    redis.call('HDEL', item, t, 'm:' .. t)
-    redis.call('HSET', item, 's:' .. t, stamp)
+  asked[#asked + 1] = 's:' .. ARGV[i]
+end
+local known = redis.call('HMGET', item, unpack(asked))
+local set, del, newer = {}, {}, {}
+if not known[1] or tonumber(known[1]) < tonumber(version) then
+  set[#set + 1] = '_v'
+  set[#set + 1] = version
+end
+for i = 4, #ARGV, 2 do
+  local t, stamp, k = ARGV[i], ARGV[i + 1], known[(i - 4) / 2 + 2]
+  if not k or tonumber(k) <= tonumber(stamp) then
+    del[#del + 1] = t
+    del[#del + 1] = 'm:' .. t
+    set[#set + 1] = 's:' .. t
+    set[#set + 1] = stamp
+  else
+    newer[#newer + 1] = t
   end
 end
-local done = redis.call('HGET', item, '_v')
-if not done or tonumber(done) < tonumber(ARGV[3]) then
-  redis.call('HSET', item, '_v', ARGV[3])
+if #del > 0 then
+  redis.call('HDEL', item, unpack(del))
 end
-for i = 4, #ARGV, 2 do
-  if redis.call('HEXISTS', item, ARGV[i]) == 1 then
+if #set > 0 then
+  redis.call('HSET', item, unpack(set))
+end
+for _, t in ipairs(newer) do
+  if redis.call('HEXISTS', item, t) == 1 then
     return 0 -- a newer part waits here as a partial; it keeps its TTL
   end
 end

@@ -20,7 +20,7 @@ use embedjoin::model::{Metadata, Part};
 use embedjoin::{Pipeline, Settings};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use serde_json::{json, Value};
+use serde_json::json;
 
 use crate::support::app::test_settings;
 use crate::support::data::{stored_vector, vector};
