@@ -17,11 +17,12 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Settings;
 use crate::delivery::outbox::Maintenance;
-use crate::delivery::{BulkWriter, InFlight};
+use crate::delivery::{BulkWriter, InFlight, SinkHealth};
 use crate::http::{self, AppState, Durability};
 use crate::metrics::Metrics;
 use crate::model::ingest::Limits;
 use crate::model::Schema;
+use crate::shard::actor::Stops;
 use crate::shard::{Router, ShardActor};
 use crate::sink::SinkClient;
 use crate::state::StateStore;
@@ -33,6 +34,8 @@ pub struct Pipeline {
     pub store: StateStore,
     pub sink: SinkClient,
     pub metrics: Arc<Metrics>,
+    /// Whether delivery is stalled by the cluster refusing us (for `/ready`).
+    pub sink_health: SinkHealth,
     shards: Vec<JoinHandle<()>>,
     maintenance: JoinHandle<()>,
     writer: JoinHandle<()>,
@@ -54,14 +57,14 @@ impl Pipeline {
         sink.prepare(settings, &schema).await.context("cannot prepare the sink")?;
         let metrics = Arc::new(Metrics::new());
         let (cancel, give_up) = (CancellationToken::new(), CancellationToken::new());
-        let in_flight = InFlight::default();
+        let (in_flight, sink_health) = (InFlight::default(), SinkHealth::new(metrics.sink_stalled.clone()));
         let (writer_handle, writer) = BulkWriter::spawn(
             settings,
             schema.clone(),
             sink.clone(),
             store.clone(),
             metrics.clone(),
-            in_flight.clone(),
+            (in_flight.clone(), sink_health.clone()),
             give_up.clone(),
         );
         let (handles, shards) = (0..settings.shard_count())
@@ -73,7 +76,7 @@ impl Pipeline {
                     store.clone(),
                     writer_handle.clone(),
                     metrics.clone(),
-                    cancel.clone(),
+                    Stops { cancel: cancel.clone(), give_up: give_up.clone() },
                 )
             })
             .unzip();
@@ -86,6 +89,7 @@ impl Pipeline {
             store,
             sink,
             metrics,
+            sink_health,
             shards,
             maintenance,
             writer,
@@ -99,21 +103,21 @@ impl Pipeline {
     /// complete documents the sink, until the shutdown deadline; what the sink has not
     /// taken by then is parked in the store's outbox.
     pub async fn shutdown(self) {
-        let deadline = tokio::time::Instant::now() + self.shutdown_deadline;
+        // The deadline holds for every step: shards and maintenance waiting on a full writer
+        // (the sink is down) stop waiting and park too.
+        let (deadline, give_up) = (self.shutdown_deadline, self.give_up.clone());
+        let timer = tokio::spawn(async move {
+            tokio::time::sleep(deadline).await;
+            tracing::warn!("Shutdown deadline passed; parking undelivered documents in the state store.");
+            give_up.cancel();
+        });
         self.cancel.cancel();
         for shard in self.shards {
             let _ = shard.await;
         }
         let _ = self.maintenance.await;
-        let mut writer = self.writer;
-        tokio::select! {
-            _ = &mut writer => {}
-            _ = tokio::time::sleep_until(deadline) => {
-                tracing::warn!("Shutdown deadline passed; parking undelivered documents in the state store.");
-                self.give_up.cancel();
-                let _ = writer.await;
-            }
-        }
+        let _ = self.writer.await;
+        timer.abort();
     }
 }
 
@@ -139,6 +143,7 @@ impl Application {
             max_batch_items: settings.http.max_batch_items,
             store: pipeline.store.clone(),
             sink: pipeline.sink.clone(),
+            sink_health: pipeline.sink_health.clone(),
             metrics: pipeline.metrics.clone(),
             durability: Durability {
                 ack: settings.durability.ack,

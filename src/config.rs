@@ -252,12 +252,15 @@ pub struct ElasticsearchSettings {
     /// Longest a document waits for its bulk request to fill.
     #[serde(with = "humantime_serde")]
     pub flush_interval: Duration,
-    /// Bulk requests in flight at once.
+    /// Most bulk requests in flight at once; the adaptive limit moves between 1 and this.
     pub requests_in_flight: usize,
     #[serde(with = "humantime_serde")]
     pub request_timeout: Duration,
-    /// Attempts after the first, for a retryable item or request failure.
-    pub max_retries: u32,
+    /// How long a document that the cluster keeps refusing for a busy or unavailable
+    /// reason (429, 5xx, no answer, 401/403, a missing index) is retried before it is
+    /// dead-lettered; `None` (the default): until it is taken, or parked at shutdown.
+    #[serde(default, with = "humantime_serde", skip_serializing_if = "Option::is_none")]
+    pub retry_for: Option<Duration>,
     #[serde(with = "humantime_serde")]
     pub retry_initial_backoff: Duration,
     #[serde(with = "humantime_serde")]

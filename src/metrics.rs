@@ -59,6 +59,8 @@ pub struct Metrics {
     pub documents_indexed: Counter,
     pub documents_ended: Family<EndLabels, Counter>,
     pub outbox_in_flight: Gauge,
+    pub sink_concurrency_limit: Gauge,
+    pub sink_stalled: Gauge,
     pub dead_letters: Counter,
     pub orphans_expired: Counter,
     pub outbox_resent: Counter,
@@ -103,6 +105,8 @@ impl Metrics {
             documents_indexed: Counter::default(),
             documents_ended: Family::default(),
             outbox_in_flight: Gauge::default(),
+            sink_concurrency_limit: Gauge::default(),
+            sink_stalled: Gauge::default(),
             dead_letters: Counter::default(),
             orphans_expired: Counter::default(),
             outbox_resent: Counter::default(),
@@ -143,6 +147,16 @@ impl Metrics {
             "outbox_in_flight",
             "Outbox entries this instance is delivering under a lease",
             m.outbox_in_flight.clone(),
+        );
+        r.register(
+            "sink_concurrency_limit",
+            "Bulk requests allowed in flight now (adaptive: falls on backpressure, rises while the cluster keeps up)",
+            m.sink_concurrency_limit.clone(),
+        );
+        r.register(
+            "sink_stalled",
+            "1 while the cluster refuses embedjoin (401/403, a missing index): delivery waits, nothing is dropped",
+            m.sink_stalled.clone(),
         );
         r.register("dead_letters", "Documents the sink refused for good", m.dead_letters.clone());
         r.register("shard_mailbox_depth", "Messages waiting in a shard's mailbox", m.shard_mailbox_depth.clone());

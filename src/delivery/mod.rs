@@ -21,14 +21,16 @@
 //! [`outbox`] is the maintenance actor (lease renewal, resends, orphan sweep). Imports run
 //! one way: `delivery` uses `state` (to settle) and `sink` (to send); neither imports it.
 
+pub mod concurrency;
 pub mod outbox;
 pub mod request;
 pub mod settle;
 pub mod writer;
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use dashmap::DashMap;
+use prometheus_client::metrics::gauge::Gauge;
 
 pub use writer::{BulkWriter, WriterClosed, WriterHandle};
 
@@ -85,5 +87,47 @@ impl InFlight {
 
     pub fn is_empty(&self) -> bool {
         self.0.is_empty()
+    }
+}
+
+/// Whether delivery is stalled because the cluster refuses us rather than our documents
+/// (401/403, a missing index), and why: `/ready` answers 503 with the reason meanwhile.
+#[derive(Clone)]
+pub struct SinkHealth {
+    stalled: Arc<Mutex<Option<String>>>,
+    gauge: Gauge,
+}
+
+impl SinkHealth {
+    pub fn new(gauge: Gauge) -> SinkHealth {
+        SinkHealth { stalled: Arc::new(Mutex::new(None)), gauge }
+    }
+
+    /// The reason delivery is stalled, if it is.
+    pub fn stalled(&self) -> Option<String> {
+        self.lock().clone()
+    }
+
+    /// Delivery is stalled; logged at ERROR when it starts (an operator must act).
+    pub fn stall(&self, reason: String) {
+        let mut stalled = self.lock();
+        if stalled.is_none() {
+            tracing::error!(%reason, "Delivery stalled: the cluster refuses embedjoin (credentials, privileges or a missing index); every document is kept and retried until it is taken.");
+            self.gauge.set(1);
+        }
+        *stalled = Some(reason);
+    }
+
+    /// The cluster took a request again.
+    pub fn recover(&self) {
+        let mut stalled = self.lock();
+        if let Some(reason) = stalled.take() {
+            tracing::info!(was = %reason, "Delivery resumed.");
+            self.gauge.set(0);
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<String>> {
+        self.stalled.lock().unwrap_or_else(|e| e.into_inner())
     }
 }

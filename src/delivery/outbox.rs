@@ -93,7 +93,7 @@ impl Maintenance {
             if !docs.is_empty() {
                 self.metrics.outbox_resent.inc_by(docs.len() as u64);
                 tracing::info!(documents = docs.len(), "Resending completed documents whose delivery lease lapsed.");
-                if self.writer.send(docs).await.is_err() {
+                if !self.send(docs).await {
                     return Ok(()); // shutting down; their leases lapse and they are resent
                 }
             }
@@ -112,7 +112,7 @@ impl Maintenance {
                     let ids: Vec<&str> = orphans.iter().map(|o| o.id.as_str()).collect();
                     tracing::info!(count = ids.len(), ?ids, "Dropped partial items that did not complete in time.");
                 }
-            } else if !orphans.is_empty() && self.writer.send(orphans).await.is_err() {
+            } else if !orphans.is_empty() && !self.send(orphans).await {
                 return Ok(()); // in the outbox: delivered after their lease lapses
             }
             if n < ROUND_LIMIT || self.cancel.is_cancelled() {
@@ -120,6 +120,15 @@ impl Maintenance {
             }
         }
         Ok(())
+    }
+
+    /// Hands documents to the writer unless shutdown starts first (they are in the outbox
+    /// either way); `false` if it did.
+    async fn send(&self, docs: Vec<Document>) -> bool {
+        tokio::select! {
+            sent = self.writer.send(docs) => sent.is_ok(),
+            _ = self.cancel.cancelled() => false,
+        }
     }
 
     /// The documents among swept entries; unreadable ones are dead-lettered with their id

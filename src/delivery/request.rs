@@ -1,22 +1,32 @@
-//! One bulk request's delivery: encode the documents once, send, read every item's result,
-//! and send again what the sink asked to retry, until each document reaches its end
-//! ([`super::End`]) or shutdown gives up (then they are parked).
+//! One bulk request's delivery: encode the documents once, cut them into bodies of at most
+//! `bulk_max_bytes` real bytes, send, read every item's result, and send again what the
+//! sink did not take, until each document reaches its end ([`super::End`]) or shutdown
+//! gives up (then they are parked).
+//!
+//! Busy is not wrong: 429s, 5xx, no answer, an unreadable answer, 401/403 and a missing
+//! index are retried with backoff for as long as it takes (or `elasticsearch.retry_for`);
+//! a request refused as a whole with 413 or 400 is split in halves until the document that
+//! causes it stands alone, and only that one is dead-lettered. A delivery task keeps its
+//! request slot while it waits, so a cluster that does not take documents stops the
+//! writer, the shards, and then ingress (503): backpressure, not memory growth.
 
+use std::collections::VecDeque;
 use std::ops::Range;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Instant, SystemTime};
 
 use bytes::{Bytes, BytesMut};
 use tokio_util::sync::CancellationToken;
 
+use super::concurrency::AdaptiveLimit;
 use super::settle::{self, Ended};
-use super::{End, InFlight};
+use super::{End, InFlight, SinkHealth};
 use crate::config::OrphanAction;
 use crate::metrics::{Metrics, StatusLabels};
 use crate::model::document::{Origin, OrphanKind};
 use crate::model::{AckGroup, Document, Schema};
 use crate::sink::encode::{encode_index_op, VectorEncoding};
-use crate::sink::retry::{RetryPolicy, Verdict};
+use crate::sink::retry::{RequestVerdict, RetryPolicy, Verdict};
 use crate::sink::{SinkClient, SinkError};
 use crate::state::{DeadLetter, StateStore};
 
@@ -34,6 +44,12 @@ pub struct Context {
     /// Outbox entries being delivered by this instance (their leases are renewed).
     pub outbox: InFlight,
     pub orphans: OrphanAction,
+    /// Requests allowed in flight now.
+    pub limit: AdaptiveLimit,
+    /// Whether the cluster refuses us, for `/ready`.
+    pub health: SinkHealth,
+    /// Most bytes in one request body.
+    pub max_bytes: usize,
 }
 
 /// One encoded `index` operation and what ending it involves.
@@ -53,106 +69,191 @@ pub struct Encoded {
     pub memory_copy: Option<Document>,
 }
 
-/// Sends one request and retries its retryable failures until each document has ended,
-/// or shutdown gives up.
+/// What became of one attempt at a body.
+enum Step {
+    /// Every document in it ended.
+    Done,
+    /// These documents are sent again after the backoff.
+    Again(Vec<Encoded>),
+    /// The body was refused as a whole for its content: its halves go separately.
+    Split(Vec<Encoded>, Vec<Encoded>),
+    /// Shutdown's deadline passed: park them.
+    GaveUp(Vec<Encoded>),
+}
+
+/// Delivers documents until each has ended, or shutdown gives up (then parks them).
 pub async fn deliver(ctx: Arc<Context>, docs: Vec<Document>) {
     let (letters, docs) = orphans_to_dead_letter(&ctx, docs);
-    if !letters.is_empty() {
-        settle::dead_letter(&ctx, letters).await;
-    }
+    settle::dead_letter(&ctx, letters).await;
     if docs.is_empty() {
         return;
     }
-    let (mut body, mut docs) = encode(&ctx, docs);
-    let mut item_attempts: u32 = 0;
-    let mut request_failures: u32 = 0;
-    loop {
-        let started = Instant::now();
-        ctx.metrics.bulk_bytes.inc_by(body.len() as u64);
-        let result = tokio::select! {
-            r = ctx.sink.bulk(body, docs.len()) => r,
-            _ = ctx.give_up.cancelled() => return settle::park(&ctx, docs).await,
-        };
-        ctx.metrics.bulk_seconds.observe(started.elapsed().as_secs_f64());
-        let (ended, letters, retry, wait) = match result {
-            Ok(statuses) => {
-                ctx.metrics.bulk_requests.get_or_create(&StatusLabels { status: 200 }).inc();
-                item_attempts += 1;
-                request_failures = 0;
-                let (ended, letters, retry) = sort_items(&ctx, docs, statuses, item_attempts);
-                (ended, letters, retry, ctx.policy.backoff(item_attempts - 1))
+    let (_, docs) = encode(&ctx, docs);
+    let mut pending: VecDeque<Vec<Encoded>> = by_bytes(docs, ctx.max_bytes).into();
+    let started = Instant::now();
+    let mut failures: u32 = 0;
+    while let Some(docs) = pending.pop_front() {
+        match attempt(&ctx, docs, started).await {
+            Step::Done => failures = 0,
+            Step::Split(first, second) => {
+                pending.push_front(second);
+                pending.push_front(first);
             }
-            Err(e) if ctx.policy.retries_request(&e) => {
-                count_failed_request(&ctx.metrics, &e);
-                request_failures += 1;
-                let wait = ctx.policy.backoff(request_failures - 1);
-                tracing::warn!(documents = docs.len(), failures = request_failures, error = %e, ?wait, "Bulk request failed; retrying it.");
-                (Vec::new(), Vec::new(), docs, wait)
+            Step::Again(docs) => {
+                ctx.metrics.bulk_retries.inc_by(docs.len() as u64);
+                let wait = ctx.policy.backoff(failures);
+                failures = failures.saturating_add(1);
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => pending.push_front(docs),
+                    _ = ctx.give_up.cancelled() => {
+                        pending.push_front(docs);
+                        return settle::park(&ctx, pending.into_iter().flatten().collect()).await;
+                    }
+                }
             }
-            Err(e) => {
-                count_failed_request(&ctx.metrics, &e);
-                let status = match &e {
-                    SinkError::Status { status, .. } => Some(*status),
-                    _ => None,
-                };
-                let letters = (docs.into_iter())
-                    .map(|d| {
-                        let letter = letter(&d, status, "request_failed".into(), e.to_string(), item_attempts + 1);
-                        (d, letter)
-                    })
-                    .collect();
-                (Vec::new(), letters, Vec::new(), Duration::ZERO)
+            Step::GaveUp(docs) => {
+                pending.push_front(docs);
+                return settle::park(&ctx, pending.into_iter().flatten().collect()).await;
             }
-        };
-        settle::dead_letter(&ctx, letters).await;
-        settle::end(&ctx, ended).await;
-        if retry.is_empty() {
-            return;
         }
-        ctx.metrics.bulk_retries.inc_by(retry.len() as u64);
-        tokio::select! {
-            _ = tokio::time::sleep(wait) => {}
-            _ = ctx.give_up.cancelled() => return settle::park(&ctx, retry).await,
-        }
-        body = rebuild(&retry);
-        docs = retry;
     }
 }
 
-/// Splits a bulk response's items into ended documents, dead letters and retries.
+/// Sends one body and ends, dead-letters, splits or keeps for a retry what is in it.
+async fn attempt(ctx: &Context, docs: Vec<Encoded>, started: Instant) -> Step {
+    let body = rebuild(&docs);
+    let sent = Instant::now();
+    ctx.metrics.bulk_bytes.inc_by(body.len() as u64);
+    let result = tokio::select! {
+        r = ctx.sink.bulk(body, docs.len()) => r,
+        _ = ctx.give_up.cancelled() => return Step::GaveUp(docs),
+    };
+    ctx.metrics.bulk_seconds.observe(sent.elapsed().as_secs_f64());
+    let expired = ctx.policy.retry_for.is_some_and(|limit| started.elapsed() >= limit);
+    match result {
+        Ok(statuses) => {
+            ctx.metrics.bulk_requests.get_or_create(&StatusLabels { status: 200 }).inc();
+            let (ended, letters, again, busy) = sort_items(ctx, docs, statuses);
+            if busy {
+                ctx.limit.on_backpressure();
+            } else {
+                ctx.limit.on_success(sent.elapsed());
+            }
+            settle::dead_letter(ctx, letters).await;
+            settle::end(ctx, ended).await;
+            keep_or_expire(ctx, again, expired, "the cluster kept refusing them").await
+        }
+        Err(e) => {
+            count_failed_request(&ctx.metrics, &e);
+            match ctx.policy.classify_request(&e) {
+                RequestVerdict::Retry => {
+                    ctx.limit.on_backpressure();
+                    tracing::warn!(documents = docs.len(), error = %e, "Bulk request failed; retrying it.");
+                    keep_or_expire(ctx, docs, expired, &e.to_string()).await
+                }
+                RequestVerdict::Stall => {
+                    ctx.health.stall(e.to_string());
+                    keep_or_expire(ctx, docs, expired, &e.to_string()).await
+                }
+                RequestVerdict::Split if docs.len() > 1 => {
+                    tracing::warn!(documents = docs.len(), error = %e, "Bulk request refused as a whole; splitting it to find the document that causes it.");
+                    let mut first = docs;
+                    let second = first.split_off(first.len() / 2);
+                    Step::Split(first, second)
+                }
+                RequestVerdict::Split => {
+                    let (status, error_type) = match &e {
+                        SinkError::Status { status: 413, .. } => (Some(413), "too_large".to_owned()),
+                        SinkError::Status { status, error_type, .. } => (Some(*status), error_type.clone()),
+                        _ => (None, "request_rejected".to_owned()),
+                    };
+                    let letters = docs.into_iter().map(|d| {
+                        let l = letter(&d, status, error_type.clone(), e.to_string(), 1);
+                        (d, l)
+                    });
+                    settle::dead_letter(ctx, letters.collect()).await;
+                    Step::Done
+                }
+            }
+        }
+    }
+}
+
+/// Documents still refused: kept for another attempt, or dead-lettered once
+/// `elasticsearch.retry_for` has passed.
+async fn keep_or_expire(ctx: &Context, docs: Vec<Encoded>, expired: bool, last: &str) -> Step {
+    if docs.is_empty() {
+        return Step::Done;
+    }
+    if !expired {
+        return Step::Again(docs);
+    }
+    let reason = format!("still refused after elasticsearch.retry_for; last: {last}");
+    let letters = docs.into_iter().map(|d| {
+        let l = letter(&d, None, "retries_exhausted".into(), reason.clone(), 0);
+        (d, l)
+    });
+    settle::dead_letter(ctx, letters.collect()).await;
+    Step::Done
+}
+
+/// Splits a bulk response's items into ended documents, dead letters and documents to send
+/// again; `true` if the cluster pushed back on some (429, 5xx). Stalls and recoveries are
+/// recorded on the way.
 fn sort_items(
     ctx: &Context,
     docs: Vec<Encoded>,
     statuses: Vec<crate::sink::ItemStatus>,
-    attempts: u32,
-) -> (Vec<Ended>, Vec<(Encoded, DeadLetter)>, Vec<Encoded>) {
-    let (mut ended, mut letters, mut retry) = (Vec::new(), Vec::new(), Vec::new());
-    let mut last_failure = None;
+) -> (Vec<Ended>, Vec<(Encoded, DeadLetter)>, Vec<Encoded>, bool) {
+    let (mut ended, mut letters, mut again) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut busy, mut stall) = (None, None);
     for (doc, item) in docs.into_iter().zip(statuses) {
         ctx.metrics.bulk_items.get_or_create(&StatusLabels { status: item.status }).inc();
         let (error_type, reason) = item.error.unwrap_or_default();
         match ctx.policy.classify_item(item.status, Some(error_type.as_str())) {
             Verdict::Indexed => ended.push((doc, End::Indexed)),
             Verdict::Superseded => ended.push((doc, End::Superseded)),
-            Verdict::Retry if attempts <= ctx.policy.max_retries => {
-                last_failure = Some(format!("{} {error_type}: {reason}", item.status));
-                retry.push(doc);
-            }
             Verdict::Retry => {
-                let reason = format!("gave up after {attempts} attempts; last: {} {error_type}: {reason}", item.status);
-                let letter = letter(&doc, Some(item.status), "retries_exhausted".into(), reason, attempts);
-                letters.push((doc, letter));
+                busy = Some(format!("{} {error_type}: {reason}", item.status));
+                again.push(doc);
+            }
+            Verdict::Stall => {
+                stall = Some(format!("{} {error_type}: {reason}", item.status));
+                again.push(doc);
             }
             Verdict::Reject => {
-                let letter = letter(&doc, Some(item.status), error_type, reason, attempts);
+                let letter = letter(&doc, Some(item.status), error_type, reason, 1);
                 letters.push((doc, letter));
             }
         }
     }
-    if let Some(last) = &last_failure {
-        tracing::debug!(documents = retry.len(), attempt = attempts, last_failure = %last, "Bulk items rejected; retrying them.");
+    match stall {
+        Some(reason) => ctx.health.stall(reason),
+        None => ctx.health.recover(),
     }
-    (ended, letters, retry)
+    if let Some(last) = &busy {
+        tracing::debug!(documents = again.len(), last_failure = %last, "Bulk items refused for now; retrying them.");
+    }
+    (ended, letters, again, busy.is_some())
+}
+
+/// Cuts encoded documents into bodies of at most `max_bytes` (a larger document goes alone).
+fn by_bytes(docs: Vec<Encoded>, max_bytes: usize) -> Vec<Vec<Encoded>> {
+    let mut groups: Vec<Vec<Encoded>> = Vec::new();
+    let mut size = 0;
+    for doc in docs {
+        match groups.last_mut() {
+            Some(group) if size + doc.op.len() <= max_bytes => {
+                size += doc.op.len();
+                group.push(doc);
+            }
+            _ => {
+                size = doc.op.len();
+                groups.push(vec![doc]);
+            }
+        }
+    }
+    groups
 }
 
 /// Orphans the settings (or their kind) send to the dead letters instead of the index: a
@@ -192,7 +293,7 @@ fn orphan_reason(schema: &Schema, doc: &Document) -> String {
 }
 
 /// Encodes documents into one bulk body; each keeps a cheap slice of its operation.
-fn encode(ctx: &Context, docs: Vec<Document>) -> (Bytes, Vec<Encoded>) {
+pub(super) fn encode(ctx: &Context, docs: Vec<Document>) -> (Bytes, Vec<Encoded>) {
     let mut body = BytesMut::with_capacity(docs.iter().map(super::writer::estimated_size).sum());
     let mut spans = Vec::with_capacity(docs.len());
     for doc in &docs {

@@ -1,12 +1,17 @@
 //! Recording the end of each document: the one place that confirms outbox entries,
 //! releases waiting requests, stores dead letters, parks, and counts each end.
 
+use std::time::Duration;
+
 use super::request::{Context, Encoded};
 use super::End;
 use crate::metrics::EndLabels;
 use crate::model::ack::ack_all;
 use crate::model::document::Origin;
 use crate::state::DeadLetter;
+
+/// Longest a park may take: shutdown must end whatever the store does.
+const PARK_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// A document and the end it reached.
 pub type Ended = (Encoded, End);
@@ -39,9 +44,9 @@ pub async fn end(ctx: &Context, ended: Vec<Ended>) {
     }
 }
 
-/// Stores dead letters (retrying the store a while), then ends their documents. If the
-/// store refuses them, documents waiting in the outbox stay there (sent again later) and
-/// the ids of the others go to the ERROR log, the last trace of them.
+/// Stores dead letters, then ends their documents. While the store refuses them it is
+/// retried with backoff; if shutdown's deadline passes first, documents waiting in the
+/// outbox stay there (sent again later) and the others are parked with them.
 pub async fn dead_letter(ctx: &Context, letters: Vec<(Encoded, DeadLetter)>) {
     if letters.is_empty() {
         return;
@@ -57,20 +62,12 @@ pub async fn dead_letter(ctx: &Context, letters: Vec<(Encoded, DeadLetter)>) {
                 ctx.metrics.dead_letters.inc_by(letters.len() as u64);
                 return end(ctx, docs.into_iter().map(|d| (d, End::DeadLettered)).collect()).await;
             }
-            Err(e) if attempt < ctx.policy.max_retries => {
-                tracing::warn!(error = %e, letters = letters.len(), "Cannot store dead letters; retrying.");
-                tokio::time::sleep(ctx.policy.backoff(attempt)).await;
-                attempt += 1;
-            }
             Err(e) => {
-                let lost: Vec<&str> =
-                    docs.iter().filter(|d| d.origin == Origin::Memory).map(|d| d.id.as_str()).collect();
-                tracing::error!(error = %e, ?lost, "Documents lost: they were refused and the dead-letter store is unavailable (those in the outbox stay there).");
-                for doc in docs {
-                    ctx.outbox.end(&doc.id, doc.version);
-                    ack_all(doc.acks);
+                tracing::warn!(error = %e, letters = letters.len(), "Cannot store dead letters; retrying.");
+                tokio::select! {
+                    _ = tokio::time::sleep(ctx.policy.backoff(attempt)) => attempt += 1,
+                    _ = ctx.give_up.cancelled() => return park(ctx, docs).await,
                 }
-                return;
             }
         }
     }
@@ -80,6 +77,9 @@ pub async fn dead_letter(ctx: &Context, letters: Vec<(Encoded, DeadLetter)>) {
 /// completed in the store stay in its outbox, their leases released so that the next
 /// start resends them at once; those that completed in memory are parked there now.
 pub async fn park(ctx: &Context, docs: Vec<Encoded>) {
+    if docs.is_empty() {
+        return;
+    }
     let mut memory = Vec::new();
     let mut leased = Vec::new();
     let mut acks = Vec::new();
@@ -94,10 +94,16 @@ pub async fn park(ctx: &Context, docs: Vec<Encoded>) {
             }
         }
     }
-    if let Err(e) = ctx.store.renew(&leased, std::time::Duration::ZERO).await {
-        tracing::warn!(documents = leased.len(), error = %e, "Cannot release outbox leases; they are resent once the leases lapse.");
+    // Bounded: shutdown ends in time even when the store does not answer.
+    let released = tokio::time::timeout(PARK_TIMEOUT, ctx.store.renew(&leased, Duration::ZERO)).await;
+    if !matches!(released, Ok(Ok(()))) {
+        tracing::warn!(documents = leased.len(), "Cannot release outbox leases; they are resent once the leases lapse.");
     }
-    match ctx.store.park(&memory).await {
+    let parked = match tokio::time::timeout(PARK_TIMEOUT, ctx.store.park(&memory)).await {
+        Ok(result) => result.map_err(|e| e.to_string()),
+        Err(_) => Err(format!("no answer within {PARK_TIMEOUT:?}")),
+    };
+    match parked {
         Ok(()) => {
             tracing::warn!(documents = memory.len() + leased.len(), "Shutdown deadline passed: documents parked in the state store's outbox; they are sent at the next start.");
             ack_all(acks); // durable in the store

@@ -14,8 +14,9 @@ use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use super::request::{deliver, Context};
-use super::InFlight;
+use super::concurrency::AdaptiveLimit;
+use super::request::{deliver, encode, Context};
+use super::{settle, InFlight, SinkHealth};
 use crate::config::Settings;
 use crate::metrics::Metrics;
 use crate::model::{Document, Schema};
@@ -39,6 +40,11 @@ impl WriterHandle {
     pub async fn send(&self, docs: Vec<Document>) -> Result<(), WriterClosed> {
         self.tx.send(docs).await.map_err(|e| WriterClosed(e.0))
     }
+
+    /// A slot in the writer's mailbox, to wait for without holding the documents.
+    pub async fn reserve(&self) -> Result<mpsc::Permit<'_, Vec<Document>>, WriterClosed> {
+        self.tx.reserve().await.map_err(|_| WriterClosed(Vec::new()))
+    }
 }
 
 /// The request being filled: documents, not yet encoded (delivery tasks encode, in
@@ -55,7 +61,6 @@ pub struct BulkWriter {
     max_docs: usize,
     max_bytes: usize,
     interval: Duration,
-    max_in_flight: usize,
     batch: Batch,
     /// Documents received but not yet batched, because the batch was full.
     pending: VecDeque<Document>,
@@ -71,7 +76,7 @@ impl BulkWriter {
         sink: SinkClient,
         store: StateStore,
         metrics: Arc<Metrics>,
-        outbox: InFlight,
+        (outbox, health): (InFlight, SinkHealth),
         give_up: CancellationToken,
     ) -> (WriterHandle, tokio::task::JoinHandle<()>) {
         let es = &settings.elasticsearch;
@@ -86,15 +91,17 @@ impl BulkWriter {
                 store,
                 schema,
                 vectors: es.vector_encoding,
+                limit: AdaptiveLimit::new(es.requests_in_flight, metrics.sink_concurrency_limit.clone()),
                 metrics,
                 give_up,
                 outbox,
                 orphans,
+                health,
+                max_bytes: es.bulk_max_bytes,
             }),
             max_docs: es.bulk_max_docs,
             max_bytes: es.bulk_max_bytes,
             interval: es.flush_interval,
-            max_in_flight: es.requests_in_flight,
             batch: Batch { docs: Vec::new(), bytes: 0, started: None },
             pending: VecDeque::new(),
             in_flight: JoinSet::new(),
@@ -107,7 +114,7 @@ impl BulkWriter {
     }
 
     fn has_room(&self) -> bool {
-        self.in_flight.len() < self.max_in_flight
+        self.in_flight.len() < self.ctx.limit.current()
     }
 
     async fn run(mut self) {
@@ -135,13 +142,15 @@ impl BulkWriter {
                     None => closed = true,
                 },
                 _ = tokio::time::sleep_until(deadline.into()), if batch_due => self.dispatch(),
+                _ = self.ctx.give_up.cancelled() => return self.park_all().await,
             }
         }
         // Final step: send what is left and wait for every request to settle (or give up).
         while !self.batch.docs.is_empty() {
             while !self.has_room() {
-                if let Some(done) = self.in_flight.join_next().await {
-                    log_task_end(done);
+                tokio::select! {
+                    Some(done) = self.in_flight.join_next() => log_task_end(done),
+                    _ = self.ctx.give_up.cancelled() => return self.park_all().await,
                 }
             }
             self.dispatch();
@@ -150,6 +159,22 @@ impl BulkWriter {
             log_task_end(done);
         }
         tracing::debug!("Bulk writer stopped.");
+    }
+
+    /// Shutdown's deadline passed: parks what was never sent (the batch, the queue, the
+    /// mailbox); the delivery tasks park what they hold.
+    async fn park_all(mut self) {
+        self.rx.close();
+        let mut docs = std::mem::take(&mut self.batch.docs);
+        docs.extend(self.pending.drain(..));
+        while let Ok(more) = self.rx.try_recv() {
+            docs.extend(more);
+        }
+        let (_, encoded) = encode(&self.ctx, docs);
+        settle::park(&self.ctx, encoded).await;
+        while let Some(done) = self.in_flight.join_next().await {
+            log_task_end(done);
+        }
     }
 
     fn push(&mut self, doc: Document) {

@@ -20,7 +20,10 @@ pub async fn ready(state: web::Data<AppState>) -> HttpResponse {
         Err(_) => Some(format!("no answer within {limit:?}")),
     };
     let store = describe(store.map(|r| r.map_err(|e| e.to_string())));
-    let sink = describe(sink.map(|r| r.map_err(|e| e.to_string())));
+    // The cluster may answer a ping yet refuse our writes (an expired key, a missing
+    // privilege or index): then delivery is stalled, and that is the reason to give.
+    let stalled = state.sink_health.stalled().map(|reason| format!("delivery stalled: {reason}"));
+    let sink = describe(sink.map(|r| r.map_err(|e| e.to_string()))).or(stalled);
     let body = serde_json::json!({
         "status": if store.is_none() && sink.is_none() { "ready" } else { "not_ready" },
         "state": store.as_deref().unwrap_or("ok"),

@@ -36,6 +36,8 @@ pub struct AppState {
     pub max_batch_items: usize,
     pub store: StateStore,
     pub sink: SinkClient,
+    /// Whether delivery is stalled by the cluster refusing us (`/ready` says why).
+    pub sink_health: crate::delivery::SinkHealth,
     pub metrics: Arc<Metrics>,
     pub durability: Durability,
 }

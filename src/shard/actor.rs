@@ -31,7 +31,8 @@ use tokio::time::MissedTickBehavior;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Settings;
-use crate::delivery::WriterHandle;
+use crate::delivery::{WriterClosed, WriterHandle};
+use crate::model::document::Origin;
 use crate::metrics::{CompletedIn, CompletedLabels, Metrics, ShardLabels};
 use crate::model::ack::ack_all;
 use crate::model::document::Partial;
@@ -46,6 +47,14 @@ pub enum ShardMsg {
     /// Which parts of an item this shard holds in memory, as a bit mask of schema slots
     /// (`None`: it holds none). Answered after every message queued before it.
     Inspect(String, oneshot::Sender<Option<u32>>),
+}
+
+/// How a shard is told to stop: `cancel` to drain and flush; `give_up` when shutdown's
+/// deadline passed (stop waiting for the writer or the store; park documents instead).
+#[derive(Clone)]
+pub struct Stops {
+    pub cancel: CancellationToken,
+    pub give_up: CancellationToken,
 }
 
 /// The shard has stopped (the service is shutting down).
@@ -102,7 +111,7 @@ pub struct ShardActor {
     metrics: Arc<Metrics>,
     flush_interval: Duration,
     max_dirty: usize,
-    cancel: CancellationToken,
+    stops: Stops,
     /// Consecutive failed flushes; the next attempt waits longer each time.
     failures: u32,
     /// No flush before this instant (set after a failure).
@@ -121,7 +130,7 @@ impl ShardActor {
         store: StateStore,
         writer: WriterHandle,
         metrics: Arc<Metrics>,
-        cancel: CancellationToken,
+        stops: Stops,
     ) -> (ShardHandle, tokio::task::JoinHandle<()>) {
         let (lease, settings) = (settings.durability.outbox_resend_after, &settings.shards);
         let (tx, rx) = mpsc::channel(settings.mailbox_capacity);
@@ -139,7 +148,7 @@ impl ShardActor {
             metrics,
             flush_interval: settings.flush_interval,
             max_dirty: settings.max_dirty,
-            cancel,
+            stops,
             failures: 0,
             retry_at: None,
         };
@@ -152,7 +161,7 @@ impl ShardActor {
         loop {
             tokio::select! {
                 biased;
-                _ = self.cancel.cancelled() => break,
+                _ = self.stops.cancel.cancelled() => break,
                 msg = self.rx.recv() => match msg {
                     Some(msg) => self.handle(msg).await,
                     None => break,
@@ -168,10 +177,17 @@ impl ShardActor {
         let mut attempts = 0;
         while !(self.partials.is_empty() && self.completed.is_empty()) && attempts < 20 {
             self.retry_at = None;
-            self.flush().await;
+            let give_up = self.stops.give_up.clone();
+            tokio::select! {
+                _ = self.flush() => {}
+                _ = give_up.cancelled() => break,
+            }
             if !(self.partials.is_empty() && self.completed.is_empty()) {
                 attempts += 1;
-                tokio::time::sleep(Duration::from_millis(100)).await;
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+                    _ = self.stops.give_up.cancelled() => break,
+                }
             }
         }
         if !self.partials.is_empty() {
@@ -376,13 +392,39 @@ impl ShardActor {
         self.bytes = self.bytes + partial.vector_bytes() - before;
     }
 
+    /// Hands complete documents to the writer, waiting while it is full, unless shutdown's
+    /// deadline passes first: then those completed in memory are parked in the store
+    /// (those completed there wait in its outbox already).
     async fn send(&self, docs: Vec<Document>) {
         if docs.is_empty() {
             return;
         }
-        if let Err(closed) = self.writer.send(docs).await {
-            let ids: Vec<String> = closed.0.into_iter().map(|d| d.id).collect();
-            tracing::error!(shard = self.index, ?ids, "Complete documents lost: the bulk writer has stopped.");
+        let permit = tokio::select! {
+            permit = self.writer.reserve() => permit,
+            _ = self.stops.give_up.cancelled() => Err(WriterClosed(Vec::new())),
+        };
+        match permit {
+            Ok(permit) => permit.send(docs),
+            Err(_) => self.park(docs).await,
+        }
+    }
+
+    async fn park(&self, docs: Vec<Document>) {
+        let memory: Vec<Document> = docs.into_iter().filter(|d| d.origin == Origin::Memory).collect();
+        if memory.is_empty() {
+            return;
+        }
+        match tokio::time::timeout(Duration::from_secs(2), self.store.park(&memory)).await {
+            Ok(Ok(())) => {
+                tracing::warn!(shard = self.index, documents = memory.len(), "Shutdown deadline passed: documents parked in the state store's outbox.");
+                for doc in memory {
+                    ack_all(doc.acks);
+                }
+            }
+            _ => {
+                let ids: Vec<&str> = memory.iter().map(|d| d.id.as_str()).collect();
+                tracing::error!(shard = self.index, ?ids, "Documents lost: shutdown's deadline passed and the state store did not take them.");
+            }
         }
     }
 }

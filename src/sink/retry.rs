@@ -1,7 +1,8 @@
 //! What a sink's answer means for a document, as one table-tested function per level:
 //! [`RetryPolicy::classify_item`] for an item of a bulk response, and
-//! [`RetryPolicy::retries_request`] for a whole request that failed. Backoff is
-//! exponential with full jitter, capped.
+//! [`RetryPolicy::classify_request`] for a whole request that failed. Busy is not wrong:
+//! only an answer about the document itself dead-letters it. Backoff is exponential with
+//! full jitter, capped.
 
 use std::collections::HashSet;
 use std::time::Duration;
@@ -14,6 +15,8 @@ use crate::config::ElasticsearchSettings;
 /// The error type of a 409 from an external-versioned write the index already holds a
 /// newer (or the same, for `external`) version of.
 pub const VERSION_CONFLICT: &str = "version_conflict_engine_exception";
+/// The error type of a write to an index that does not exist (and may not be created).
+pub const INDEX_NOT_FOUND: &str = "index_not_found_exception";
 
 /// What one item's result means.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -24,15 +27,31 @@ pub enum Verdict {
     Superseded,
     /// Busy or unavailable: send it again later.
     Retry,
+    /// The cluster refuses us, not the document (401/403, a missing index): an operator
+    /// must act; delivery stalls and keeps the document, retrying until it is taken.
+    Stall,
     /// The document itself is wrong: retrying cannot help.
     Reject,
+}
+
+/// What a whole-request failure means for the documents in it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RequestVerdict {
+    /// Busy, unreachable, or an answer that cannot be read: send the same request again.
+    Retry,
+    /// The cluster refuses us (401/403, a missing index, a misconfiguration): stall.
+    Stall,
+    /// The body is too large (413), or a document in it broke the request (400): split it
+    /// until the offending document stands alone.
+    Split,
 }
 
 #[derive(Debug, Clone)]
 pub struct RetryPolicy {
     statuses: HashSet<u16>,
-    /// Attempts after the first.
-    pub max_retries: u32,
+    /// How long a refused document is retried before it is dead-lettered (`None`: until
+    /// taken, or parked at shutdown).
+    pub retry_for: Option<Duration>,
     initial: Duration,
     max: Duration,
 }
@@ -41,7 +60,7 @@ impl RetryPolicy {
     pub fn new(settings: &ElasticsearchSettings) -> RetryPolicy {
         RetryPolicy {
             statuses: settings.retry_statuses.iter().copied().collect(),
-            max_retries: settings.max_retries,
+            retry_for: settings.retry_for,
             initial: settings.retry_initial_backoff,
             max: settings.retry_max_backoff,
         }
@@ -53,16 +72,19 @@ impl RetryPolicy {
             200..=299 => Verdict::Indexed,
             409 if error_type == Some(VERSION_CONFLICT) => Verdict::Superseded,
             s if self.statuses.contains(&s) => Verdict::Retry,
+            401 | 403 => Verdict::Stall,
+            404 if error_type == Some(INDEX_NOT_FOUND) => Verdict::Stall,
             _ => Verdict::Reject,
         }
     }
 
-    /// Whether a whole request that failed this way is sent again.
-    pub fn retries_request(&self, error: &SinkError) -> bool {
+    /// What a whole request that failed this way means.
+    pub fn classify_request(&self, error: &SinkError) -> RequestVerdict {
         match error {
-            SinkError::Transport(_) => true,
-            SinkError::Status { status, .. } => self.statuses.contains(status),
-            SinkError::Protocol(_) | SinkError::Config(_) => false,
+            SinkError::Transport(_) | SinkError::Protocol(_) => RequestVerdict::Retry,
+            SinkError::Status { status, .. } if self.statuses.contains(status) => RequestVerdict::Retry,
+            SinkError::Status { status: 400 | 413, .. } => RequestVerdict::Split,
+            SinkError::Status { .. } | SinkError::Config(_) => RequestVerdict::Stall,
         }
     }
 
@@ -96,7 +118,10 @@ mod tests {
             (504, None, Verdict::Retry),
             (400, Some("document_parsing_exception"), Verdict::Reject),
             (400, Some("mapper_parsing_exception"), Verdict::Reject),
-            (404, Some("index_not_found_exception"), Verdict::Reject),
+            (401, Some("security_exception"), Verdict::Stall),
+            (403, Some("security_exception"), Verdict::Stall),
+            (404, Some("index_not_found_exception"), Verdict::Stall),
+            (404, Some("document_missing_exception"), Verdict::Reject),
         ];
         let policy = policy();
         for &(status, error_type, want) in table {
@@ -105,15 +130,25 @@ mod tests {
     }
 
     #[test]
-    fn request_failures_that_say_later_are_retried() {
+    fn request_failures_never_dead_letter_a_batch() {
         let policy = policy();
         let status = |status| SinkError::Status { status, error_type: "x".into(), reason: String::new() };
-        assert!(policy.retries_request(&SinkError::Transport("reset".into())));
-        assert!(policy.retries_request(&status(429)));
-        assert!(policy.retries_request(&status(503)));
-        assert!(!policy.retries_request(&status(413)));
-        assert!(!policy.retries_request(&status(400)));
-        assert!(!policy.retries_request(&SinkError::Protocol("bad".into())));
+        let table: &[(SinkError, RequestVerdict)] = &[
+            (SinkError::Transport("connection reset".into()), RequestVerdict::Retry),
+            (SinkError::Protocol("unreadable bulk response".into()), RequestVerdict::Retry),
+            (status(429), RequestVerdict::Retry),
+            (status(500), RequestVerdict::Retry),
+            (status(503), RequestVerdict::Retry),
+            (status(413), RequestVerdict::Split),
+            (status(400), RequestVerdict::Split),
+            (status(401), RequestVerdict::Stall),
+            (status(403), RequestVerdict::Stall),
+            (status(404), RequestVerdict::Stall),
+            (SinkError::Config("bad url".into()), RequestVerdict::Stall),
+        ];
+        for (error, want) in table {
+            assert_eq!(policy.classify_request(error), *want, "{error}");
+        }
     }
 
     #[test]

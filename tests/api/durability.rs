@@ -106,8 +106,7 @@ async fn until(limit: Duration, what: &str, mut condition: impl FnMut() -> bool)
 async fn es_item_rejections_and_request_failures_are_retried_until_all_is_indexed() {
     let (redis, es) = (RedisServer::start().await, EsTarget::start().await);
     let Some(standin) = es.standin() else { return eprintln!("skipped: needs the stand-in's fault injection") };
-    let mut settings = test_settings(&redis, &es);
-    settings.elasticsearch.max_retries = 30;
+    let settings = test_settings(&redis, &es);
     let app = spawn_app(settings).await;
     standin.faults().set_seed(42);
     standin.faults().set_item_429_ratio(0.3);

@@ -10,6 +10,7 @@ mod es_standin_contract;
 mod instances;
 mod interleavings;
 mod operate;
+mod overload;
 mod semantics;
 mod sink_contract;
 mod state_contract;
