@@ -32,7 +32,7 @@ use tokio::sync::watch;
 use tokio::task::{JoinHandle, JoinSet};
 
 /// The Elasticsearch version the stand-in reports in `GET /`.
-pub const ES_VERSION: &str = "8.15.0";
+pub const ES_VERSION: &str = "8.17.0";
 /// `http.max_content_length` default.
 pub const DEFAULT_MAX_CONTENT_LENGTH: usize = 100 * 1024 * 1024;
 /// Longest `_id` Elasticsearch accepts, in bytes.
@@ -776,6 +776,15 @@ impl State {
             settings.extend(flat);
         }
         if let Some(m) = body.get("mappings") {
+            // Checked before the mapping is parsed, hence not a mapper_parsing_exception.
+            if m.as_object().is_some_and(|o| o.len() == 1 && o.get("_doc").is_some_and(Value::is_object)) {
+                return Err(Response::es_error(
+                    400,
+                    "illegal_argument_exception",
+                    "The mapping definition cannot be nested under a type [_doc] unless include_type_name is set to true.",
+                    Map::new(),
+                ));
+            }
             let m = normalize_mappings(m).map_err(mapping_error)?;
             mappings = merge_mappings(&mappings, &m)
                 .map_err(|r| Response::es_error(400, "illegal_argument_exception", &r, Map::new()))?;
@@ -1274,7 +1283,11 @@ async fn serve_connection(shared: Arc<Shared>, stream: TcpStream) {
         let encoding = hdr("content-encoding").unwrap_or_default().to_ascii_lowercase();
         let body = match decode_body(&encoding, wire_body, limit) {
             Ok(b) => b,
-            Err(resp) => {
+            Err(None) => {
+                finish_record(&shared, record);
+                return;
+            }
+            Err(Some(resp)) => {
                 record.status = Some(resp.status);
                 let close = resp.status == 413;
                 let bytes = render(resp, None, &shared, false);
@@ -1329,7 +1342,9 @@ fn finish_record(shared: &Shared, record: RequestRecord) {
     shared.notify();
 }
 
-fn decode_body(encoding: &str, body: Vec<u8>, limit: usize) -> Result<Vec<u8>, Response> {
+/// The decoded body, or the answer to send; `Err(None)`: a body that does not decompress,
+/// which Elasticsearch answers by closing the connection with no response.
+fn decode_body(encoding: &str, body: Vec<u8>, limit: usize) -> Result<Vec<u8>, Option<Response>> {
     let encoding = encoding.trim();
     let decoded = match encoding {
         "" | "identity" => return Ok(body),
@@ -1344,30 +1359,25 @@ fn decode_body(encoding: &str, body: Vec<u8>, limit: usize) -> Result<Vec<u8>, R
             res.map(|_| out)
         }
         other => {
-            return Err(Response::es_error(
+            return Err(Some(Response::es_error(
                 400,
                 "illegal_argument_exception",
                 &format!("unsupported Content-Encoding [{other}]"),
                 Map::new(),
-            ))
+            )))
         }
     };
     match decoded {
-        Ok(out) if out.len() > limit => Err(Response::es_error(
+        Ok(out) if out.len() > limit => Err(Some(Response::es_error(
             413,
             "content_too_long_exception",
             &format!(
                 "request body is too large once decompressed: more than [{limit}] bytes (http.max_content_length)"
             ),
             Map::new(),
-        )),
+        ))),
         Ok(out) => Ok(out),
-        Err(e) => Err(Response::es_error(
-            400,
-            "illegal_argument_exception",
-            &format!("failed to decompress the {encoding} request body: {e}"),
-            Map::new(),
-        )),
+        Err(_) => Err(None),
     }
 }
 
@@ -1936,6 +1946,14 @@ fn route(req: &Request) -> Result<(RouteKind, &'static [&'static str]), Response
         }
         [idx, "_create", id] => (Create(own(idx), own(id)), &["PUT", "POST"], P_DOC_WRITE),
         [idx, "_source", id] => (Source(own(idx), own(id)), &["GET", "HEAD"], P_DOC_GET),
+        // Elasticsearch's router has a POST-only `/{index}/{type}` route (7.x compatibility),
+        // so any other method on an unknown two-segment path is a 405, and POST finds no handler.
+        [_, _] if m != "POST" => {
+            return Err(Response::flat_error(
+                405,
+                &format!("Incorrect HTTP method for uri [{}] and method [{m}], allowed: [POST]", uri(req)),
+            ))
+        }
         _ => return Err(no_handler(req)),
     };
     if !methods.contains(&m) {
@@ -2220,7 +2238,7 @@ fn cluster_info() -> Value {
             "build_hash": "1a77947f34deddb41af25e6f0ddb8e830159c179",
             "build_date": "2024-08-05T10:05:34.233336849Z",
             "build_snapshot": false,
-            "lucene_version": "9.11.1",
+            "lucene_version": "9.12.0",
             "minimum_wire_compatibility_version": "7.17.0",
             "minimum_index_compatibility_version": "7.0.0"
         },
@@ -2904,6 +2922,15 @@ fn token_name(v: &Value) -> &'static str {
 }
 
 fn x_content_parse(e: &serde_json::Error) -> Response {
+    if e.is_eof() {
+        // Jackson's end-of-input is a distinct exception in Elasticsearch.
+        return Response::es_error(
+            400,
+            "x_content_e_o_f_exception",
+            &format!("[{}:{}] Unexpected end of file", e.line(), e.column()),
+            Map::new(),
+        );
+    }
     Response::es_error(
         400,
         "x_content_parse_exception",
