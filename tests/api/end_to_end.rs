@@ -113,7 +113,9 @@ async fn parts_sent_twice_still_yield_one_complete_document_per_item() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metadata_is_merged_into_the_document_and_the_index_has_vector_mappings() {
     let (redis, es) = (RedisServer::start().await, EsTarget::start().await);
-    let app = spawn_app(test_settings(&redis, &es)).await;
+    let mut settings = test_settings(&redis, &es);
+    settings.elasticsearch.index_vectors = true;
+    let app = spawn_app(settings).await;
     let mut text = item("m-1", TEXT, TEXT_DIMS);
     text["metadata"] = serde_json::json!({"title": "a red shoe", "lang": "en"});
     let mut image = item("m-1", IMAGE, IMAGE_DIMS);
