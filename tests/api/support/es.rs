@@ -99,6 +99,12 @@ impl EsTarget {
         self.docs(&[id.to_owned()]).await.remove(id)
     }
 
+    /// Whether the cluster is OpenSearch (its `GET /` says `"distribution": "opensearch"`).
+    pub async fn is_opensearch(&self) -> bool {
+        let root: Value = self.http.get(&self.url).send().await.unwrap().json().await.unwrap();
+        root["version"]["distribution"] == "opensearch"
+    }
+
     pub async fn mapping(&self) -> Value {
         let r = self.http.get(format!("{}/{}/_mapping", self.url, self.index)).send().await.unwrap();
         r.json().await.unwrap()
