@@ -21,8 +21,14 @@ import time
 import urllib.parse
 
 
-def f32(x):
-    return struct.unpack("f", struct.pack("f", x))[0]
+def f32_text(x):
+    """The shortest decimal that reads back as the same float32, as embedjoin writes it."""
+    v = struct.unpack("f", struct.pack("f", x))[0]
+    for digits in range(6, 10):
+        text = f"{v:.{digits}g}"
+        if struct.unpack("f", struct.pack("f", float(text)))[0] == v:
+            return text
+    return repr(v)
 
 
 def main():
@@ -64,11 +70,12 @@ def main():
     for start in range(0, a.docs, a.bulk):
         lines = []
         for n in range(start, min(start + a.bulk, a.docs)):
-            doc = {"id": f"sku-{n}"}
+            fields = [f'"id":"sku-{n}"']
             for i, d in enumerate(dims):
-                doc[f"part_{i + 1}"] = [f32(rng.uniform(-1, 1)) for _ in range(d)]
+                vector = ",".join(f32_text(rng.uniform(-1, 1)) for _ in range(d))
+                fields.append(f'"part_{i + 1}":[{vector}]')
             lines.append(json.dumps({"index": {"_id": f"sku-{n}"}}))
-            lines.append(json.dumps(doc, separators=(",", ":")))
+            lines.append("{" + ",".join(fields) + "}")
         bodies.append(("\n".join(lines) + "\n").encode())
     mb = sum(len(b) for b in bodies) / 1e6
 
