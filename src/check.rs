@@ -5,8 +5,9 @@
 //! - The effective settings are printed, on stdout, as TOML or JSON, secrets shown as `***`
 //!   (their `Serialize` redacts them, see [`crate::secret`]).
 //! - Each backend is reached within `--timeout`: the state store as `serve` opens it (for
-//!   Redis: connection, credentials, version, script loading), and the sink (Elasticsearch:
-//!   a ping; files: the directory can be written).
+//!   Redis: connection, credentials, version, script loading), and the sink (Elasticsearch
+//!   or OpenSearch: `GET /`, whose engine and version are printed; files: the directory can
+//!   be written).
 //!
 //! The verdict goes to stderr, one line per check; a failure says what to fix and the exit
 //! status is 1. Nothing secret is printed, even inside a backend's own error message.
@@ -21,7 +22,8 @@ use clap::{Args, ValueEnum};
 use crate::config::{Settings, SinkBackend, StateBackend};
 use crate::model::Schema;
 use crate::secret::{redact_url, REDACTED};
-use crate::sink::{SinkClient, SinkError};
+use crate::sink::elasticsearch::EsSink;
+use crate::sink::SinkError;
 use crate::state::{StateError, StateStore};
 
 /// The oldest Redis embedjoin runs on (the outbox and orphan sweeps use ZRANGE ... BYSCORE).
@@ -198,9 +200,15 @@ async fn check_sink(settings: &Settings, timeout: Duration) -> Result<String, St
         SinkBackend::Elasticsearch => {}
     }
     let shown = redact_url(&settings.elasticsearch.url);
-    let client = SinkClient::new(settings).map_err(|e| format!("{e}. Check the [elasticsearch] settings."))?;
-    match tokio::time::timeout(timeout, client.ping()).await {
-        Ok(Ok(())) => Ok(format!("Elasticsearch at {shown} answers")),
+    let es = EsSink::new(&settings.elasticsearch).map_err(|e| format!("{e}. Check the [elasticsearch] settings."))?;
+    match tokio::time::timeout(timeout, es.engine()).await {
+        // A configured engine is not asked for; the cluster must still answer.
+        Ok(Ok(engine)) if engine.version.is_empty() => match tokio::time::timeout(timeout, es.ping()).await {
+            Ok(Ok(())) => Ok(format!("{engine} (as configured) at {shown} answers")),
+            Ok(Err(e)) => Err(format!("{engine} at {shown} answered with an error: {e}.")),
+            Err(_) => Err(format!("{engine} at {shown} did not answer within {timeout:?}.")),
+        },
+        Ok(Ok(engine)) => Ok(format!("{engine} at {shown} answers")),
         Ok(Err(SinkError::Status { status: status @ (401 | 403), error_type, reason })) => Err(format!(
             "Elasticsearch at {shown} refused the credentials ({status} {error_type}: {reason}). Set \
              elasticsearch.username and elasticsearch.password, or elasticsearch.api_key \

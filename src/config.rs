@@ -232,6 +232,17 @@ impl Similarity {
     }
 }
 
+/// The search engine behind `elasticsearch.url`: they share `_bulk` but map vectors
+/// differently (`dense_vector` or `knn_vector`).
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum EngineSetting {
+    /// Told by the cluster's `GET /` at start.
+    Auto,
+    Elasticsearch,
+    Opensearch,
+}
+
 /// `Debug` shows what `Serialize` shows (no password, no API key).
 #[derive(Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -239,9 +250,13 @@ pub struct ElasticsearchSettings {
     #[serde(serialize_with = "crate::secret::serialize_url")]
     pub url: String,
     pub index: String,
-    /// Create the index with dense_vector mappings at start unless it exists.
+    /// Create the index with vector mappings at start unless it exists.
     pub create_index: bool,
     pub similarity: Similarity,
+    /// Which engine the cluster runs, for the index mappings; `auto` reads `GET /`.
+    pub engine: EngineSetting,
+    /// Build a vector index (HNSW) for kNN search; `false` only stores the vectors.
+    pub index_vectors: bool,
     pub username: String,
     pub password: Secret,
     pub api_key: Secret,

@@ -1,5 +1,9 @@
 //! The Elasticsearch sink: `_bulk` calls through the official client, and the index
-//! (with `dense_vector` mappings) created at start. OpenSearch speaks the same `_bulk`.
+//! created at start. OpenSearch speaks the same `_bulk` but maps vectors differently, so
+//! the bootstrap reads `GET /` to tell the engines apart (unless `elasticsearch.engine`
+//! names it): Elasticsearch gets `dense_vector` (dims, similarity), OpenSearch gets
+//! `knn_vector` (dimension, and an HNSW method on the Lucene engine, which needs no
+//! native library) in an index with `index.knn` on. Nothing else depends on the engine.
 
 use std::time::Duration;
 
@@ -12,7 +16,7 @@ use elasticsearch::{BulkParts, Elasticsearch};
 use serde::Deserialize;
 
 use super::{ItemStatus, SinkError};
-use crate::config::ElasticsearchSettings;
+use crate::config::{ElasticsearchSettings, EngineSetting, Similarity};
 use crate::model::Schema;
 
 /// Only what embedjoin reads of a bulk response; the rest is not sent back at all.
@@ -23,6 +27,96 @@ pub struct EsSink {
     client: Elasticsearch,
     index: String,
     timeout: Duration,
+    /// The configured engine; `Auto` asks the cluster.
+    engine: EngineSetting,
+    /// Whether vector fields get an HNSW index.
+    index_vectors: bool,
+}
+
+/// Which search engine answers, as its `GET /` says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EngineKind {
+    Elasticsearch,
+    OpenSearch,
+}
+
+/// The engine and its version (`version.number`), as read from `GET /`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Engine {
+    pub kind: EngineKind,
+    /// Empty when the engine was configured rather than asked.
+    pub version: String,
+}
+
+impl std::fmt::Display for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let name = match self.kind {
+            EngineKind::Elasticsearch => "Elasticsearch",
+            EngineKind::OpenSearch => "OpenSearch",
+        };
+        if self.version.is_empty() {
+            write!(f, "{name}")
+        } else {
+            write!(f, "{name} {}", self.version)
+        }
+    }
+}
+
+impl Engine {
+    /// Reads a `GET /` body. OpenSearch says `"distribution": "opensearch"` in `version`;
+    /// Elasticsearch has no such field (its `build_flavor` is `default`).
+    pub fn from_root(body: &serde_json::Value) -> Result<Engine, SinkError> {
+        let version = &body["version"];
+        let number = version["number"]
+            .as_str()
+            .ok_or_else(|| SinkError::Protocol(format!("GET / has no version.number: {body}")))?;
+        let kind = if version["distribution"].as_str() == Some("opensearch") {
+            EngineKind::OpenSearch
+        } else {
+            EngineKind::Elasticsearch
+        };
+        Ok(Engine { kind, version: number.to_owned() })
+    }
+}
+
+/// The body of `PUT /{index}`: the document fields and, per configured part, a vector
+/// field of its dimension in the engine's own type.
+pub fn index_body(kind: EngineKind, schema: &Schema, similarity: Similarity, index_vectors: bool) -> serde_json::Value {
+    let mut properties = serde_json::Map::new();
+    properties.insert("id".into(), serde_json::json!({"type": "keyword"}));
+    properties.insert("completed_at".into(), serde_json::json!({"type": "date"}));
+    for part in schema.parts() {
+        let field = match kind {
+            // `similarity` is only accepted on an indexed field.
+            EngineKind::Elasticsearch if index_vectors => serde_json::json!({
+                "type": "dense_vector", "dims": part.dims, "index": true, "similarity": similarity.as_str()
+            }),
+            EngineKind::Elasticsearch => serde_json::json!({"type": "dense_vector", "dims": part.dims, "index": false}),
+            EngineKind::OpenSearch if index_vectors => serde_json::json!({
+                "type": "knn_vector",
+                "dimension": part.dims,
+                "method": {"name": "hnsw", "engine": "lucene", "space_type": opensearch_space(similarity)}
+            }),
+            // Without `index.knn` a knn_vector is only stored (doc values) for exact scoring.
+            EngineKind::OpenSearch => serde_json::json!({"type": "knn_vector", "dimension": part.dims}),
+        };
+        properties.insert(part.field.clone(), field);
+    }
+    let mut body = serde_json::json!({"mappings": {"properties": properties}});
+    if kind == EngineKind::OpenSearch && index_vectors {
+        body["settings"] = serde_json::json!({"index": {"knn": true}});
+    }
+    body
+}
+
+/// OpenSearch's name for an Elasticsearch similarity. `dot_product` (unit vectors) and
+/// `max_inner_product` both score by inner product there.
+fn opensearch_space(similarity: Similarity) -> &'static str {
+    match similarity {
+        Similarity::Cosine => "cosinesimil",
+        Similarity::DotProduct | Similarity::MaxInnerProduct => "innerproduct",
+        Similarity::L2Norm => "l2",
+    }
 }
 
 impl EsSink {
@@ -43,6 +137,8 @@ impl EsSink {
             client: Elasticsearch::new(transport),
             index: settings.index.clone(),
             timeout: settings.request_timeout,
+            engine: settings.engine,
+            index_vectors: settings.index_vectors,
         })
     }
 
@@ -78,8 +174,10 @@ impl EsSink {
             .collect())
     }
 
-    /// Creates the index with `dense_vector` mappings unless it exists.
-    pub async fn ensure_index(&self, schema: &Schema, similarity: &str) -> Result<(), SinkError> {
+    /// Creates the index, with the engine's vector mappings, unless it exists; returns the
+    /// engine it mapped for.
+    pub async fn ensure_index(&self, schema: &Schema, similarity: Similarity) -> Result<Engine, SinkError> {
+        let engine = self.engine().await?;
         let exists = self
             .client
             .indices()
@@ -88,20 +186,11 @@ impl EsSink {
             .await
             .map_err(|e| SinkError::Transport(with_causes(&e)))?;
         match exists.status_code() {
-            StatusCode::OK => return Ok(()),
+            StatusCode::OK => return Ok(engine),
             StatusCode::NOT_FOUND => {}
             other => return Err(request_error(other, &exists.bytes().await.unwrap_or_default())),
         }
-        let mut properties = serde_json::Map::new();
-        properties.insert("id".into(), serde_json::json!({"type": "keyword"}));
-        properties.insert("completed_at".into(), serde_json::json!({"type": "date"}));
-        for part in schema.parts() {
-            properties.insert(
-                part.field.clone(),
-                serde_json::json!({"type": "dense_vector", "dims": part.dims, "index": true, "similarity": similarity}),
-            );
-        }
-        let body = serde_json::json!({"mappings": {"properties": properties}});
+        let body = index_body(engine.kind, schema, similarity, self.index_vectors);
         let response = self
             .client
             .indices()
@@ -112,28 +201,48 @@ impl EsSink {
             .map_err(|e| SinkError::Transport(with_causes(&e)))?;
         let status = response.status_code();
         if status.is_success() {
-            return Ok(());
+            return Ok(engine);
         }
         let err = request_error(status, &response.bytes().await.unwrap_or_default());
         match &err {
             // Another instance created it first.
-            SinkError::Status { error_type, .. } if error_type == "resource_already_exists_exception" => Ok(()),
+            SinkError::Status { error_type, .. } if error_type == "resource_already_exists_exception" => Ok(engine),
             _ => Err(err),
+        }
+    }
+
+    /// The engine behind the URL: as configured, or read from `GET /` (version included).
+    pub async fn engine(&self) -> Result<Engine, SinkError> {
+        match self.engine {
+            EngineSetting::Elasticsearch => Ok(Engine { kind: EngineKind::Elasticsearch, version: String::new() }),
+            EngineSetting::Opensearch => Ok(Engine { kind: EngineKind::OpenSearch, version: String::new() }),
+            EngineSetting::Auto => {
+                let body = self.root().await?;
+                let value: serde_json::Value = serde_json::from_slice(&body)
+                    .map_err(|e| SinkError::Protocol(format!("unreadable GET / answer: {e}")))?;
+                Engine::from_root(&value)
+            }
         }
     }
 
     /// Whether the cluster answers.
     pub async fn ping(&self) -> Result<(), SinkError> {
+        self.root().await.map(|_| ())
+    }
+
+    /// `GET /`: the cluster's name and version.
+    async fn root(&self) -> Result<Bytes, SinkError> {
         let response = self
             .client
             .send(Method::Get, "/", Default::default(), Option::<&()>::None, Option::<&[u8]>::None, Some(self.timeout))
             .await
             .map_err(|e| SinkError::Transport(with_causes(&e)))?;
         let status = response.status_code();
+        let body = response.bytes().await.map_err(|e| SinkError::Transport(with_causes(&e)))?;
         if status.is_success() {
-            Ok(())
+            Ok(body)
         } else {
-            Err(request_error(status, &response.bytes().await.unwrap_or_default()))
+            Err(request_error(status, &body))
         }
     }
 }
@@ -193,4 +302,44 @@ fn request_error(status: StatusCode, body: &[u8]) -> SinkError {
         _ => ("unknown".to_owned(), String::from_utf8_lossy(&body[..body.len().min(200)]).into_owned()),
     };
     SinkError::Status { status: status.as_u16(), error_type, reason }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Settings;
+
+    #[test]
+    fn root_answers_tell_the_engines_apart() {
+        let es = serde_json::json!({"version": {"number": "8.17.0", "build_flavor": "default"}});
+        let os = serde_json::json!({"version": {"distribution": "opensearch", "number": "2.19.1"}});
+        assert_eq!(
+            Engine::from_root(&es).unwrap(),
+            Engine { kind: EngineKind::Elasticsearch, version: "8.17.0".into() }
+        );
+        assert_eq!(Engine::from_root(&os).unwrap().to_string(), "OpenSearch 2.19.1");
+        assert!(Engine::from_root(&serde_json::json!({"ok": true})).is_err());
+    }
+
+    #[test]
+    fn each_engine_gets_its_own_vector_mapping() {
+        let settings = Settings::defaults();
+        let schema = Schema::new(&settings.parts);
+        let part = &schema.parts()[0];
+        let es = index_body(EngineKind::Elasticsearch, &schema, Similarity::Cosine, true);
+        assert_eq!(
+            es["mappings"]["properties"][&part.field],
+            serde_json::json!({"type": "dense_vector", "dims": part.dims, "index": true, "similarity": "cosine"})
+        );
+        assert!(es.get("settings").is_none());
+        let os = index_body(EngineKind::OpenSearch, &schema, Similarity::L2Norm, true);
+        assert_eq!(os["settings"]["index"]["knn"], true);
+        assert_eq!(
+            os["mappings"]["properties"][&part.field],
+            serde_json::json!({"type": "knn_vector", "dimension": part.dims,
+                "method": {"name": "hnsw", "engine": "lucene", "space_type": "l2"}})
+        );
+        let stored = index_body(EngineKind::Elasticsearch, &schema, Similarity::Cosine, false);
+        assert_eq!(stored["mappings"]["properties"][&part.field]["index"], false);
+    }
 }

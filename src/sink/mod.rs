@@ -66,14 +66,26 @@ impl SinkClient {
         }
     }
 
-    /// Prepares the destination (creates the index) when the settings ask for it.
+    /// Prepares the destination: creates the index, with the engine's vector mappings, when
+    /// the settings ask for it; otherwise only says which engine answers (a failure to tell
+    /// is not fatal then: the credentials may be allowed `_bulk` and nothing else).
     pub async fn prepare(&self, settings: &Settings, schema: &Schema) -> Result<(), SinkError> {
+        let index = &settings.elasticsearch.index;
         match self {
             SinkClient::Elasticsearch(es) if settings.elasticsearch.create_index => {
-                es.ensure_index(schema, settings.elasticsearch.similarity.as_str()).await
+                let engine = es.ensure_index(schema, settings.elasticsearch.similarity).await?;
+                tracing::info!(%engine, %index, "Index ready.");
+                Ok(())
+            }
+            SinkClient::Elasticsearch(es) => {
+                match es.engine().await {
+                    Ok(engine) => tracing::info!(%engine, %index, "Writing to an index that is not created here."),
+                    Err(error) => tracing::warn!(%error, %index, "Cannot tell which engine answers; writing anyway."),
+                }
+                Ok(())
             }
             SinkClient::File(file) => file.open().await,
-            SinkClient::Elasticsearch(_) | SinkClient::Null => Ok(()),
+            SinkClient::Null => Ok(()),
         }
     }
 

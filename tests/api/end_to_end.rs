@@ -124,7 +124,9 @@ async fn parts_sent_twice_still_yield_one_complete_document_per_item() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metadata_is_merged_into_the_document_and_the_index_has_vector_mappings() {
     let (redis, es) = (RedisServer::start().await, EsTarget::start().await);
-    let app = spawn_app(test_settings(&redis, &es)).await;
+    let mut settings = test_settings(&redis, &es);
+    settings.elasticsearch.index_vectors = true;
+    let app = spawn_app(settings).await;
     let mut text = item("m-1", TEXT, TEXT_DIMS);
     text["metadata"] = serde_json::json!({"title": "a red shoe", "lang": "en"});
     let mut image = item("m-1", IMAGE, IMAGE_DIMS);
@@ -150,10 +152,18 @@ async fn metadata_is_merged_into_the_document_and_the_index_has_vector_mappings(
     assert_eq!(doc["width"], 640);
     let mapping = es.mapping().await;
     let props = &mapping[&es.index]["mappings"]["properties"];
-    assert_eq!(props["text_embedding"]["type"], "dense_vector");
-    assert_eq!(props["text_embedding"]["dims"], 384);
-    assert_eq!(props["image_embedding"]["dims"], 512);
-    assert_eq!(props["image_embedding"]["similarity"], "cosine");
+    if es.is_opensearch().await {
+        assert_eq!(props["text_embedding"]["type"], "knn_vector");
+        assert_eq!(props["text_embedding"]["dimension"], 384);
+        assert_eq!(props["image_embedding"]["dimension"], 512);
+        let method = &props["image_embedding"]["method"];
+        assert_eq!((&method["engine"], &method["space_type"]), (&"lucene".into(), &"cosinesimil".into()), "{method}");
+    } else {
+        assert_eq!(props["text_embedding"]["type"], "dense_vector");
+        assert_eq!(props["text_embedding"]["dims"], 384);
+        assert_eq!(props["image_embedding"]["dims"], 512);
+        assert_eq!(props["image_embedding"]["similarity"], "cosine");
+    }
     app.stop().await.unwrap();
     assert_eq!(redis_keys(&redis).await, Vec::<String>::new());
 }

@@ -29,6 +29,9 @@ pub fn test_settings(redis: &RedisServer, es: &EsTarget) -> Settings {
     s.redis.url = redis.url();
     s.elasticsearch.url = es.url.clone();
     s.elasticsearch.index = es.index.clone();
+    // Stored, not HNSW-indexed, vectors: no test searches them, and a real engine spends
+    // most of its indexing time building the graph (the mapping test turns it back on).
+    s.elasticsearch.index_vectors = false;
     s.elasticsearch.retry_initial_backoff = Duration::from_millis(10);
     s.elasticsearch.retry_max_backoff = Duration::from_millis(200);
     s.shards.count = 4;

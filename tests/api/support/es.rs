@@ -111,6 +111,12 @@ impl EsTarget {
         assert!(r.status().is_success(), "PUT _doc: {} {}", r.status(), r.text().await.unwrap_or_default());
     }
 
+    /// Whether the cluster is OpenSearch (its `GET /` says `"distribution": "opensearch"`).
+    pub async fn is_opensearch(&self) -> bool {
+        let root: Value = self.http.get(&self.url).send().await.unwrap().json().await.unwrap();
+        root["version"]["distribution"] == "opensearch"
+    }
+
     pub async fn mapping(&self) -> Value {
         let r = self.http.get(format!("{}/{}/_mapping", self.url, self.index)).send().await.unwrap();
         r.json().await.unwrap()

@@ -1,8 +1,10 @@
 //! A strict, in-process Elasticsearch 8.x stand-in for the integration tests.
 //!
 //! It follows `shared/ES_BULK_CONTRACT.md`: the wire shapes, status codes and error types are
-//! the ones a real Elasticsearch 8.15 answers with, and where the real server rejects a
-//! request, so does the stand-in. Production code never knows about it: it is just an HTTP
+//! the ones a real Elasticsearch 8.17 answers with, and where the real server rejects a
+//! request, so does the stand-in. The contract tests (`es_standin_contract.rs`) run against
+//! a real 8.17.0 too (`scripts/test` starts one), which keeps that true. It serves only what
+//! the service and its tests use: no index templates, `_settings`, `_source` or health. Production code never knows about it: it is just an HTTP
 //! server on `127.0.0.1:PORT` that the official client (or any HTTP client) talks to.
 //!
 //! The HTTP/1.1 server is hand-written (httparse for the request head) so that faults such as
@@ -32,7 +34,7 @@ use tokio::sync::watch;
 use tokio::task::{JoinHandle, JoinSet};
 
 /// The Elasticsearch version the stand-in reports in `GET /`.
-pub const ES_VERSION: &str = "8.15.0";
+pub const ES_VERSION: &str = "8.17.0";
 /// `http.max_content_length` default.
 pub const DEFAULT_MAX_CONTENT_LENGTH: usize = 100 * 1024 * 1024;
 /// Longest `_id` Elasticsearch accepts, in bytes.
@@ -609,7 +611,6 @@ impl Shared {
 
 struct State {
     indices: BTreeMap<String, IndexData>,
-    templates: BTreeMap<String, Value>,
     stats: Stats,
     requests: Vec<RequestRecord>,
     rng: Rng,
@@ -717,13 +718,7 @@ fn insert_dotted(map: &mut Map<String, Value>, key: &str, value: Value) {
 
 impl State {
     fn new() -> Self {
-        State {
-            indices: BTreeMap::new(),
-            templates: BTreeMap::new(),
-            stats: Stats::default(),
-            requests: Vec::new(),
-            rng: Rng::from_time(),
-        }
+        State { indices: BTreeMap::new(), stats: Stats::default(), requests: Vec::new(), rng: Rng::from_time() }
     }
 
     /// `PUT /{index}` (and auto-creation with `body == None`).
@@ -768,14 +763,23 @@ impl State {
                 ));
             }
         }
-        // Templates first, the request on top.
-        let (mut settings, mut mappings) = self.template_for(name);
+        let mut settings = BTreeMap::new();
+        let mut mappings = json!({});
         if let Some(s) = body.get("settings") {
             let flat = flatten_settings(s)
                 .map_err(|r| Response::es_error(400, "illegal_argument_exception", &r, Map::new()))?;
             settings.extend(flat);
         }
         if let Some(m) = body.get("mappings") {
+            // Checked before the mapping is parsed, hence not a mapper_parsing_exception.
+            if m.as_object().is_some_and(|o| o.len() == 1 && o.get("_doc").is_some_and(Value::is_object)) {
+                return Err(Response::es_error(
+                    400,
+                    "illegal_argument_exception",
+                    "The mapping definition cannot be nested under a type [_doc] unless include_type_name is set to true.",
+                    Map::new(),
+                ));
+            }
             let m = normalize_mappings(m).map_err(mapping_error)?;
             mappings = merge_mappings(&mappings, &m)
                 .map_err(|r| Response::es_error(400, "illegal_argument_exception", &r, Map::new()))?;
@@ -799,37 +803,6 @@ impl State {
             },
         );
         Ok(json!({"acknowledged": true, "shards_acknowledged": true, "index": name}))
-    }
-
-    /// Settings and mappings of the highest-priority index template matching `name`.
-    fn template_for(&self, name: &str) -> (BTreeMap<String, Value>, Value) {
-        let mut best: Option<(i64, &Value)> = None;
-        for t in self.templates.values() {
-            let patterns: Vec<&str> = match &t["index_patterns"] {
-                Value::String(s) => s.split(',').collect(),
-                Value::Array(a) => a.iter().filter_map(|p| p.as_str()).collect(),
-                _ => Vec::new(),
-            };
-            if patterns.iter().any(|p| glob(p.trim(), name)) {
-                let prio = t["priority"].as_i64().unwrap_or(0);
-                if best.is_none_or(|(p, _)| prio > p) {
-                    best = Some((prio, t));
-                }
-            }
-        }
-        let mut settings = BTreeMap::new();
-        let mut mappings = json!({});
-        if let Some((_, t)) = best {
-            if let Some(s) = t.pointer("/template/settings") {
-                settings = flatten_settings(s).unwrap_or_default();
-            }
-            if let Some(m) = t.pointer("/template/mappings") {
-                if let Ok(m) = normalize_mappings(m) {
-                    mappings = m;
-                }
-            }
-        }
-        (settings, mappings)
     }
 
     fn record(&mut self, rec: RequestRecord) {
@@ -1274,7 +1247,11 @@ async fn serve_connection(shared: Arc<Shared>, stream: TcpStream) {
         let encoding = hdr("content-encoding").unwrap_or_default().to_ascii_lowercase();
         let body = match decode_body(&encoding, wire_body, limit) {
             Ok(b) => b,
-            Err(resp) => {
+            Err(None) => {
+                finish_record(&shared, record);
+                return;
+            }
+            Err(Some(resp)) => {
                 record.status = Some(resp.status);
                 let close = resp.status == 413;
                 let bytes = render(resp, None, &shared, false);
@@ -1329,7 +1306,9 @@ fn finish_record(shared: &Shared, record: RequestRecord) {
     shared.notify();
 }
 
-fn decode_body(encoding: &str, body: Vec<u8>, limit: usize) -> Result<Vec<u8>, Response> {
+/// The decoded body, or the answer to send; `Err(None)`: a body that does not decompress,
+/// which Elasticsearch answers by closing the connection with no response.
+fn decode_body(encoding: &str, body: Vec<u8>, limit: usize) -> Result<Vec<u8>, Option<Response>> {
     let encoding = encoding.trim();
     let decoded = match encoding {
         "" | "identity" => return Ok(body),
@@ -1344,30 +1323,25 @@ fn decode_body(encoding: &str, body: Vec<u8>, limit: usize) -> Result<Vec<u8>, R
             res.map(|_| out)
         }
         other => {
-            return Err(Response::es_error(
+            return Err(Some(Response::es_error(
                 400,
                 "illegal_argument_exception",
                 &format!("unsupported Content-Encoding [{other}]"),
                 Map::new(),
-            ))
+            )))
         }
     };
     match decoded {
-        Ok(out) if out.len() > limit => Err(Response::es_error(
+        Ok(out) if out.len() > limit => Err(Some(Response::es_error(
             413,
             "content_too_long_exception",
             &format!(
                 "request body is too large once decompressed: more than [{limit}] bytes (http.max_content_length)"
             ),
             Map::new(),
-        )),
+        ))),
         Ok(out) => Ok(out),
-        Err(e) => Err(Response::es_error(
-            400,
-            "illegal_argument_exception",
-            &format!("failed to decompress the {encoding} request body: {e}"),
-            Map::new(),
-        )),
+        Err(_) => Err(None),
     }
 }
 
@@ -1772,15 +1746,11 @@ enum RouteKind {
     Refresh(Option<String>),
     Mget(Option<String>),
     Count(Option<String>),
-    Health,
-    Template(String),
     Index(String),
     Mapping(Option<String>),
-    Settings(String),
     Doc(String, String),
     DocAutoId(String),
     Create(String, String),
-    Source(String, String),
 }
 
 const GLOBAL_PARAMS: &[&str] = &["pretty", "human", "error_trace", "filter_path"];
@@ -1879,20 +1849,6 @@ const P_COUNT: &[&str] = &[
     "terminate_after",
     "ignore_throttled",
 ];
-const P_HEALTH: &[&str] = &[
-    "level",
-    "local",
-    "master_timeout",
-    "timeout",
-    "wait_for_active_shards",
-    "wait_for_events",
-    "wait_for_nodes",
-    "wait_for_no_initializing_shards",
-    "wait_for_no_relocating_shards",
-    "wait_for_status",
-    "expand_wildcards",
-];
-const P_TEMPLATE: &[&str] = &["create", "master_timeout", "cause", "flat_settings", "local", "include_defaults"];
 
 fn route(req: &Request) -> Result<(RouteKind, &'static [&'static str]), Response> {
     use RouteKind::*;
@@ -1906,8 +1862,6 @@ fn route(req: &Request) -> Result<(RouteKind, &'static [&'static str]), Response
         ["_mget"] => (Mget(None), &["GET", "POST"], P_MGET),
         ["_count"] => (Count(None), &["GET", "POST"], P_COUNT),
         ["_mapping"] => (Mapping(None), &["GET"], P_MAPPING_GET),
-        ["_cluster", "health"] | ["_cluster", "health", _] => (Health, &["GET"], P_HEALTH),
-        ["_index_template", name] => (Template(own(name)), &["GET", "HEAD", "PUT", "POST", "DELETE"], P_TEMPLATE),
         [first, ..] if first.starts_with('_') => return Err(no_handler(req)),
         [idx] => {
             let p = match m {
@@ -1924,7 +1878,6 @@ fn route(req: &Request) -> Result<(RouteKind, &'static [&'static str]), Response
         [idx, "_mapping"] => {
             (Mapping(Some(own(idx))), &["GET", "PUT", "POST"], if m == "GET" { P_MAPPING_GET } else { P_MAPPING_PUT })
         }
-        [idx, "_settings"] => (Settings(own(idx)), &["GET"], P_INDEX_GET),
         [idx, "_doc"] => (DocAutoId(own(idx)), &["POST"], P_DOC_WRITE),
         [idx, "_doc", id] => {
             let p = match m {
@@ -1935,7 +1888,14 @@ fn route(req: &Request) -> Result<(RouteKind, &'static [&'static str]), Response
             (Doc(own(idx), own(id)), &["GET", "HEAD", "PUT", "POST", "DELETE"], p)
         }
         [idx, "_create", id] => (Create(own(idx), own(id)), &["PUT", "POST"], P_DOC_WRITE),
-        [idx, "_source", id] => (Source(own(idx), own(id)), &["GET", "HEAD"], P_DOC_GET),
+        // Elasticsearch's router has a POST-only `/{index}/{type}` route (7.x compatibility),
+        // so any other method on an unknown two-segment path is a 405, and POST finds no handler.
+        [_, _] if m != "POST" => {
+            return Err(Response::flat_error(
+                405,
+                &format!("Incorrect HTTP method for uri [{}] and method [{m}], allowed: [POST]", uri(req)),
+            ))
+        }
         _ => return Err(no_handler(req)),
     };
     if !methods.contains(&m) {
@@ -2220,7 +2180,7 @@ fn cluster_info() -> Value {
             "build_hash": "1a77947f34deddb41af25e6f0ddb8e830159c179",
             "build_date": "2024-08-05T10:05:34.233336849Z",
             "build_snapshot": false,
-            "lucene_version": "9.11.1",
+            "lucene_version": "9.12.0",
             "minimum_wire_compatibility_version": "7.17.0",
             "minimum_index_compatibility_version": "7.0.0"
         },
@@ -2237,23 +2197,6 @@ fn handle_sync(st: &mut State, req: &Request, kind: RouteKind, auto_create: bool
     let m = req.method.as_str();
     match kind {
         Root => Ok(if req.is_head() { Response::empty(200) } else { Response::json(200, cluster_info()) }),
-        Health => {
-            check_time_param(req, "timeout")?;
-            let shards = st.indices.len();
-            Ok(Response::json(
-                200,
-                json!({
-                    "cluster_name": CLUSTER_NAME, "status": "green", "timed_out": false,
-                    "number_of_nodes": 1, "number_of_data_nodes": 1,
-                    "active_primary_shards": shards, "active_shards": shards,
-                    "relocating_shards": 0, "initializing_shards": 0, "unassigned_shards": 0,
-                    "delayed_unassigned_shards": 0, "number_of_pending_tasks": 0,
-                    "number_of_in_flight_fetch": 0, "task_max_waiting_in_queue_millis": 0,
-                    "active_shards_percent_as_number": 100.0
-                }),
-            ))
-        }
-        Template(name) => handle_template(st, req, &name),
         Index(name) => match m {
             "HEAD" => {
                 let ok = resolve_indices(st, Some(&name), req).map(|v| !v.is_empty()).unwrap_or(false);
@@ -2317,14 +2260,6 @@ fn handle_sync(st: &mut State, req: &Request, kind: RouteKind, auto_create: bool
             }
             Ok(Response::json(200, json!({"acknowledged": true})))
         }
-        Settings(expr) => {
-            let names = resolve_indices(st, Some(&expr), req)?;
-            let mut out = Map::new();
-            for n in names {
-                out.insert(n.clone(), json!({"settings": st.indices[&n].settings_json(&n)}));
-            }
-            Ok(Response::json(200, Value::Object(out)))
-        }
         Refresh(expr) => {
             let names = resolve_indices(st, expr.as_deref(), req)?;
             for n in &names {
@@ -2350,98 +2285,7 @@ fn handle_sync(st: &mut State, req: &Request, kind: RouteKind, auto_create: bool
         },
         DocAutoId(index) => handle_single_write(st, req, OpType::Index, &index, None, auto_create),
         Create(index, id) => handle_single_write(st, req, OpType::Create, &index, Some(id), auto_create),
-        Source(index, id) => handle_get(st, req, &index, &id, true),
         Bulk(_) => unreachable!("handled asynchronously"),
-    }
-}
-
-fn handle_template(st: &mut State, req: &Request, name: &str) -> Result<Response, Response> {
-    let not_found = || {
-        Response::es_error(
-            404,
-            "resource_not_found_exception",
-            &format!("index template matching [{name}] not found"),
-            Map::new(),
-        )
-    };
-    match req.method.as_str() {
-        "HEAD" => Ok(Response::empty(if st.templates.keys().any(|k| glob(name, k)) { 200 } else { 404 })),
-        "GET" => {
-            let list: Vec<Value> = st
-                .templates
-                .iter()
-                .filter(|(k, _)| glob(name, k))
-                .map(|(k, t)| json!({"name": k, "index_template": t}))
-                .collect();
-            if list.is_empty() {
-                return Err(not_found());
-            }
-            Ok(Response::json(200, json!({ "index_templates": list })))
-        }
-        "DELETE" => match st.templates.remove(name) {
-            Some(_) => Ok(Response::json(200, json!({"acknowledged": true}))),
-            None => Err(not_found()),
-        },
-        _ => {
-            let body = parse_body_json(req)?.unwrap_or(json!({}));
-            let Some(obj) = body.as_object() else {
-                return Err(Response::es_error(
-                    400,
-                    "x_content_parse_exception",
-                    "[1:1] [index_template] Expected START_OBJECT",
-                    Map::new(),
-                ));
-            };
-            for k in obj.keys() {
-                if !matches!(
-                    k.as_str(),
-                    "index_patterns"
-                        | "template"
-                        | "composed_of"
-                        | "priority"
-                        | "version"
-                        | "_meta"
-                        | "data_stream"
-                        | "allow_auto_create"
-                        | "ignore_missing_component_templates"
-                        | "deprecated"
-                ) {
-                    return Err(Response::es_error(
-                        400,
-                        "x_content_parse_exception",
-                        &format!("[1:2] [index_template] unknown field [{k}]"),
-                        Map::new(),
-                    ));
-                }
-            }
-            let has_patterns = match obj.get("index_patterns") {
-                Some(Value::String(s)) => !s.is_empty(),
-                Some(Value::Array(a)) => !a.is_empty(),
-                _ => false,
-            };
-            if !has_patterns {
-                return Err(Response::es_error(
-                    400,
-                    "action_request_validation_exception",
-                    "Validation Failed: 1: index patterns are missing;",
-                    Map::new(),
-                ));
-            }
-            if let Some(m) = body.pointer("/template/mappings") {
-                normalize_mappings(m).map_err(mapping_error)?;
-            }
-            if let Some(s) = body.pointer("/template/settings") {
-                let flat = flatten_settings(s).map_err(|r| bad_request(&r))?;
-                for k in flat.keys() {
-                    validate_setting(k).map_err(|r| bad_request(&r))?;
-                }
-            }
-            if parse_bool_param(req, "create", false)? && st.templates.contains_key(name) {
-                return Err(bad_request(&format!("index template [{name}] already exists")));
-            }
-            st.templates.insert(name.to_owned(), body);
-            Ok(Response::json(200, json!({"acknowledged": true})))
-        }
     }
 }
 
@@ -2904,6 +2748,15 @@ fn token_name(v: &Value) -> &'static str {
 }
 
 fn x_content_parse(e: &serde_json::Error) -> Response {
+    if e.is_eof() {
+        // Jackson's end-of-input is a distinct exception in Elasticsearch.
+        return Response::es_error(
+            400,
+            "x_content_e_o_f_exception",
+            &format!("[{}:{}] Unexpected end of file", e.line(), e.column()),
+            Map::new(),
+        );
+    }
     Response::es_error(
         400,
         "x_content_parse_exception",
