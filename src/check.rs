@@ -208,7 +208,25 @@ async fn check_sink(settings: &Settings, timeout: Duration) -> Result<String, St
             Ok(Err(e)) => Err(format!("{engine} at {shown} answered with an error: {e}.")),
             Err(_) => Err(format!("{engine} at {shown} did not answer within {timeout:?}.")),
         },
-        Ok(Ok(engine)) => Ok(format!("{engine} at {shown} answers")),
+        Ok(Ok(engine)) => {
+            let index = &settings.elasticsearch.index;
+            let schema = crate::model::Schema::new(&settings.parts);
+            match tokio::time::timeout(
+                timeout,
+                es.verify_mapping(engine.kind, &schema, settings.elasticsearch.similarity),
+            )
+            .await
+            {
+                Ok(Ok(())) => {
+                    Ok(format!("{engine} at {shown} answers; index {index} agrees with the configured parts"))
+                }
+                Ok(Err(SinkError::Status { status: 404, .. })) => {
+                    Ok(format!("{engine} at {shown} answers; index {index} does not exist yet (created at start)"))
+                }
+                Ok(Err(e)) => Err(format!("{engine} at {shown}: {e}.")),
+                Err(_) => Err(format!("{engine} at {shown} did not answer within {timeout:?}.")),
+            }
+        }
         Ok(Err(SinkError::Status { status: status @ (401 | 403), error_type, reason })) => Err(format!(
             "Elasticsearch at {shown} refused the credentials ({status} {error_type}: {reason}). Set \
              elasticsearch.username and elasticsearch.password, or elasticsearch.api_key \

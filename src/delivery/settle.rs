@@ -97,7 +97,10 @@ pub async fn park(ctx: &Context, docs: Vec<Encoded>) {
     // Bounded: shutdown ends in time even when the store does not answer.
     let released = tokio::time::timeout(PARK_TIMEOUT, ctx.store.renew(&leased, Duration::ZERO)).await;
     if !matches!(released, Ok(Ok(()))) {
-        tracing::warn!(documents = leased.len(), "Cannot release outbox leases; they are resent once the leases lapse.");
+        tracing::warn!(
+            documents = leased.len(),
+            "Cannot release outbox leases; they are resent once the leases lapse."
+        );
     }
     let parked = match tokio::time::timeout(PARK_TIMEOUT, ctx.store.park(&memory)).await {
         Ok(result) => result.map_err(|e| e.to_string()),

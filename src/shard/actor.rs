@@ -32,9 +32,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Settings;
 use crate::delivery::{WriterClosed, WriterHandle};
-use crate::model::document::Origin;
 use crate::metrics::{CompletedIn, CompletedLabels, Metrics, ShardLabels};
 use crate::model::ack::ack_all;
+use crate::model::document::Origin;
 use crate::model::document::Partial;
 use crate::model::{Document, Part, Schema};
 use crate::state::{Completion, MergeOutcome, StateStore};
@@ -416,14 +416,22 @@ impl ShardActor {
         }
         match tokio::time::timeout(Duration::from_secs(2), self.store.park(&memory)).await {
             Ok(Ok(())) => {
-                tracing::warn!(shard = self.index, documents = memory.len(), "Shutdown deadline passed: documents parked in the state store's outbox.");
+                tracing::warn!(
+                    shard = self.index,
+                    documents = memory.len(),
+                    "Shutdown deadline passed: documents parked in the state store's outbox."
+                );
                 for doc in memory {
                     ack_all(doc.acks);
                 }
             }
             _ => {
                 let ids: Vec<&str> = memory.iter().map(|d| d.id.as_str()).collect();
-                tracing::error!(shard = self.index, ?ids, "Documents lost: shutdown's deadline passed and the state store did not take them.");
+                tracing::error!(
+                    shard = self.index,
+                    ?ids,
+                    "Documents lost: shutdown's deadline passed and the state store did not take them."
+                );
             }
         }
     }

@@ -109,6 +109,52 @@ pub fn index_body(kind: EngineKind, schema: &Schema, similarity: Similarity, ind
     body
 }
 
+/// What in an existing index's mapping (`properties`) disagrees with the configured parts.
+pub fn mapping_problems(
+    kind: EngineKind,
+    schema: &Schema,
+    similarity: Similarity,
+    properties: &serde_json::Value,
+) -> Result<(), String> {
+    let (want_type, dims_key) = match kind {
+        EngineKind::Elasticsearch => ("dense_vector", "dims"),
+        EngineKind::OpenSearch => ("knn_vector", "dimension"),
+    };
+    let mut problems = Vec::new();
+    for part in schema.parts() {
+        let field = &properties[&part.field];
+        if field.is_null() {
+            continue; // mapped dynamically from the first document: nothing to disagree with
+        }
+        let what = format!("`{}` (part {})", part.field, part.type_name);
+        if field["type"] != want_type {
+            problems.push(format!("{what} is mapped as {}, not {want_type}", field["type"]));
+            continue;
+        }
+        if field[dims_key].as_u64() != Some(part.dims as u64) {
+            problems.push(format!("{what} has {} dimensions in the index, {} configured", field[dims_key], part.dims));
+        }
+        let stated = match kind {
+            EngineKind::Elasticsearch => field["similarity"].as_str().map(str::to_owned),
+            EngineKind::OpenSearch => field["method"]["space_type"].as_str().map(str::to_owned),
+        };
+        let configured = match kind {
+            EngineKind::Elasticsearch => similarity.as_str(),
+            EngineKind::OpenSearch => opensearch_space(similarity),
+        };
+        if let Some(stated) = stated.filter(|s| s != configured) {
+            problems.push(format!("{what} uses similarity {stated}, {configured} configured"));
+        }
+    }
+    if problems.is_empty() {
+        return Ok(());
+    }
+    Err(format!(
+        "its mapping disagrees with the configured parts: {}. Fix `parts` and `elasticsearch.similarity`, or set elasticsearch.index to a new index",
+        problems.join("; ")
+    ))
+}
+
 /// OpenSearch's name for an Elasticsearch similarity. `dot_product` (unit vectors) and
 /// `max_inner_product` both score by inner product there.
 fn opensearch_space(similarity: Similarity) -> &'static str {
@@ -186,7 +232,10 @@ impl EsSink {
             .await
             .map_err(|e| SinkError::Transport(with_causes(&e)))?;
         match exists.status_code() {
-            StatusCode::OK => return Ok(engine),
+            StatusCode::OK => {
+                self.verify_mapping(engine.kind, schema, similarity).await?;
+                return Ok(engine);
+            }
             StatusCode::NOT_FOUND => {}
             other => return Err(request_error(other, &exists.bytes().await.unwrap_or_default())),
         }
@@ -209,6 +258,35 @@ impl EsSink {
             SinkError::Status { error_type, .. } if error_type == "resource_already_exists_exception" => Ok(engine),
             _ => Err(err),
         }
+    }
+
+    /// Checks that an existing index maps every configured part as embedjoin would (vector
+    /// type, dimension, similarity where it is stated): a disagreement would have every
+    /// document refused, so it is a start-up error that says what to fix.
+    pub async fn verify_mapping(
+        &self,
+        kind: EngineKind,
+        schema: &Schema,
+        similarity: Similarity,
+    ) -> Result<(), SinkError> {
+        let response = self
+            .client
+            .indices()
+            .get_mapping(elasticsearch::indices::IndicesGetMappingParts::Index(&[&self.index]))
+            .send()
+            .await
+            .map_err(|e| SinkError::Transport(with_causes(&e)))?;
+        let status = response.status_code();
+        let body = response.bytes().await.map_err(|e| SinkError::Transport(with_causes(&e)))?;
+        if !status.is_success() {
+            return Err(request_error(status, &body));
+        }
+        let value: serde_json::Value = serde_json::from_slice(&body)
+            .map_err(|e| SinkError::Protocol(format!("unreadable mapping of {}: {e}", self.index)))?;
+        // The answer is keyed by the concrete index (an alias resolves to it).
+        let properties = value.as_object().and_then(|m| m.values().next()).map(|ix| &ix["mappings"]["properties"]);
+        mapping_problems(kind, schema, similarity, properties.unwrap_or(&serde_json::Value::Null))
+            .map_err(|problem| SinkError::Config(format!("index {}: {problem}", self.index)))
     }
 
     /// The engine behind the URL: as configured, or read from `GET /` (version included).
@@ -308,6 +386,40 @@ fn request_error(status: StatusCode, body: &[u8]) -> SinkError {
 mod tests {
     use super::*;
     use crate::config::Settings;
+
+    #[test]
+    fn an_existing_mapping_that_disagrees_is_named_field_by_field() {
+        let schema = Schema::new(&crate::config::Settings::defaults().parts);
+        let ours = index_body(EngineKind::Elasticsearch, &schema, Similarity::Cosine, true);
+        let props = &ours["mappings"]["properties"];
+        assert_eq!(mapping_problems(EngineKind::Elasticsearch, &schema, Similarity::Cosine, props), Ok(()));
+        let err = mapping_problems(EngineKind::Elasticsearch, &schema, Similarity::DotProduct, props).unwrap_err();
+        assert!(
+            err.contains("`text_embedding` (part EMBEDDINGS_TEXT) uses similarity cosine, dot_product configured"),
+            "{err}"
+        );
+        let mut other = props.clone();
+        other["image_embedding"]["dims"] = serde_json::json!(256);
+        other["text_embedding"] = serde_json::json!({"type": "float"});
+        let err = mapping_problems(EngineKind::Elasticsearch, &schema, Similarity::Cosine, &other).unwrap_err();
+        assert!(
+            err.contains("`text_embedding` (part EMBEDDINGS_TEXT) is mapped as \"float\", not dense_vector"),
+            "{err}"
+        );
+        assert!(
+            err.contains("`image_embedding` (part EMBEDDINGS_IMAGE) has 256 dimensions in the index, 512 configured"),
+            "{err}"
+        );
+        let os = index_body(EngineKind::OpenSearch, &schema, Similarity::Cosine, true);
+        assert_eq!(
+            mapping_problems(EngineKind::OpenSearch, &schema, Similarity::Cosine, &os["mappings"]["properties"]),
+            Ok(())
+        );
+        assert_eq!(
+            mapping_problems(EngineKind::Elasticsearch, &schema, Similarity::Cosine, &serde_json::Value::Null),
+            Ok(())
+        );
+    }
 
     #[test]
     fn root_answers_tell_the_engines_apart() {

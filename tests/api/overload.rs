@@ -87,7 +87,10 @@ async fn one_document_over_the_body_limit_is_dead_lettered_alone() {
         .iter()
         .flat_map(|id| {
             let meta = (id == "b-42").then(|| big.clone());
-            [Part::new(id.clone(), 0, vector(id, TEXT, 384, 0), meta), Part::new(id.clone(), 1, vector(id, IMAGE, 512, 0), None)]
+            [
+                Part::new(id.clone(), 0, vector(id, TEXT, 384, 0), meta),
+                Part::new(id.clone(), 1, vector(id, IMAGE, 512, 0), None),
+            ]
         })
         .collect();
     pipeline.router.submit(parts).await.unwrap();
@@ -105,7 +108,10 @@ async fn one_document_over_the_body_limit_is_dead_lettered_alone() {
     pipeline.shutdown().await;
     assert_eq!(letters.len(), 1, "only the oversized document");
     assert_eq!((letters[0]["id"].as_str(), letters[0]["error_type"].as_str()), (Some("b-42"), Some("too_large")));
-    assert!(metrics.contains("embedjoin_bulk_requests_total{status=\"413\"}"), "the cluster refused a whole body first");
+    assert!(
+        metrics.contains("embedjoin_bulk_requests_total{status=\"413\"}"),
+        "the cluster refused a whole body first"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -135,4 +141,26 @@ async fn a_401_stalls_delivery_and_ready_says_why_until_the_cluster_accepts_agai
     assert_eq!(r.status(), 200, "ready again once the cluster accepts");
     app.stop().await.unwrap();
     assert!(dead_letters(&redis).await.is_empty(), "a misconfiguration is not a dead letter");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_existing_index_whose_mapping_disagrees_is_a_clear_start_up_error() {
+    let (redis, es) = (RedisServer::start().await, EsTarget::start().await);
+    let mapping = json!({"mappings": {"properties": {
+        "text_embedding": {"type": "dense_vector", "dims": 384, "index": false},
+        "image_embedding": {"type": "dense_vector", "dims": 256, "index": false}
+    }}});
+    let url = format!("{}/{}", es.url, es.index);
+    let r = reqwest::Client::new().put(url).json(&mapping).send().await.unwrap();
+    assert!(r.status().is_success(), "{}", r.text().await.unwrap());
+    let settings = test_settings(&redis, &es);
+    let error = match Pipeline::start(&settings).await {
+        Ok(_) => panic!("a disagreeing mapping must stop the start"),
+        Err(e) => format!("{e:#}"),
+    };
+    assert!(
+        error.contains("`image_embedding` (part EMBEDDINGS_IMAGE) has 256 dimensions in the index, 512 configured"),
+        "{error}"
+    );
+    assert!(!error.contains("text_embedding"), "only what disagrees is named: {error}");
 }
