@@ -142,18 +142,9 @@ async fn a_failing_document_is_dead_lettered_with_its_reason_and_the_rest_indexe
     let items: Vec<Value> = ids.iter().flat_map(|id| DIMS.iter().map(move |(p, d)| item(id, p, *d))).collect();
     post_all(&[&app], vec![items], 1).await;
     assert_eq!(es.wait_for_count(2, Duration::from_secs(30)).await, 2);
-    let mut conn = redis.connection().await;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let letters: Vec<String> = loop {
-        let l: Vec<String> =
-            redis::cmd("LRANGE").arg("embedjoin:deadletter").arg(0).arg(-1).query_async(&mut conn).await.unwrap();
-        if !l.is_empty() || Instant::now() > deadline {
-            break l;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let letters = redis.wait_for_dead_letters().await;
     assert_eq!(letters.len(), 1);
-    let letter: Value = serde_json::from_str(&letters[0]).unwrap();
+    let letter = &letters[0];
     assert_eq!(letter["id"], "bad-doc");
     assert_eq!(letter["status"], 400);
     assert!(!letter["reason"].as_str().unwrap().is_empty());

@@ -16,13 +16,6 @@ use crate::support::es::EsTarget;
 use crate::support::load::post_all;
 use crate::support::redis_server::RedisServer;
 
-async fn dead_letters(redis: &RedisServer) -> Vec<Value> {
-    let mut conn = redis.connection().await;
-    let raw: Vec<String> =
-        redis::cmd("LRANGE").arg("embedjoin:deadletter").arg(0).arg(-1).query_async(&mut conn).await.unwrap();
-    raw.iter().map(|l| serde_json::from_str(l).unwrap()).collect()
-}
-
 fn both_parts(ids: &[String]) -> Vec<Vec<Value>> {
     let items: Vec<Value> = ids.iter().flat_map(|id| [item(id, TEXT, 384), item(id, IMAGE, 512)]).collect();
     items.chunks(100).map(<[Value]>::to_vec).collect()
@@ -48,7 +41,7 @@ async fn a_429_storm_longer_than_any_retry_budget_dead_letters_nothing() {
     standin.faults().set_item_429_ratio(0.0);
     assert_indexed_exactly(&es, &ids).await;
     app.stop().await.unwrap();
-    assert!(dead_letters(&redis).await.is_empty(), "busy is not wrong");
+    assert!(redis.dead_letters().await.is_empty(), "busy is not wrong");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -70,7 +63,7 @@ async fn an_outage_across_sigterm_ends_within_the_deadline_and_the_next_start_in
     let again = spawn_app(settings).await;
     assert_indexed_exactly(&es, &ids).await;
     again.stop().await.unwrap();
-    assert!(dead_letters(&redis).await.is_empty());
+    assert!(redis.dead_letters().await.is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -96,14 +89,7 @@ async fn one_document_over_the_body_limit_is_dead_lettered_alone() {
     pipeline.router.submit(parts).await.unwrap();
     let others: Vec<String> = ids.iter().filter(|id| *id != "b-42").cloned().collect();
     assert_indexed_exactly(&es, &others).await;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let letters = loop {
-        let letters = dead_letters(&redis).await;
-        if !letters.is_empty() || Instant::now() > deadline {
-            break letters;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let letters = redis.wait_for_dead_letters().await;
     let metrics = pipeline.metrics.render();
     pipeline.shutdown().await;
     assert_eq!(letters.len(), 1, "only the oversized document");
@@ -140,7 +126,7 @@ async fn a_401_stalls_delivery_and_ready_says_why_until_the_cluster_accepts_agai
     let r = app.http.get(format!("{}/ready", app.address)).send().await.unwrap();
     assert_eq!(r.status(), 200, "ready again once the cluster accepts");
     app.stop().await.unwrap();
-    assert!(dead_letters(&redis).await.is_empty(), "a misconfiguration is not a dead letter");
+    assert!(redis.dead_letters().await.is_empty(), "a misconfiguration is not a dead letter");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -130,9 +130,7 @@ async fn an_older_completion_is_superseded_never_indexed_over_a_newer_one() {
     pipeline.shutdown().await;
     let doc = es.doc("x").await.unwrap();
     assert!(has_copy(&doc, "x", TEXT, 9), "the newer document stays");
-    let mut conn = redis.connection().await;
-    let letters: usize = redis::cmd("LLEN").arg("embedjoin:deadletter").query_async(&mut conn).await.unwrap();
-    assert_eq!(letters, 0, "a version conflict is not a dead letter");
+    assert!(redis.dead_letters().await.is_empty(), "a version conflict is not a dead letter");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -185,18 +183,10 @@ async fn an_unreadable_orphan_is_dead_lettered_with_its_id_and_the_others_are_sw
     pipeline.router.flush().await.unwrap();
     let doc = wait_for_doc(&es, "good", |_| true).await;
     assert_eq!(doc.source["incomplete"], true, "the readable orphan went through as configured");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let letters: Vec<String> = loop {
-        let l: Vec<String> =
-            redis::cmd("LRANGE").arg("embedjoin:deadletter").arg(0).arg(-1).query_async(&mut conn).await.unwrap();
-        if !l.is_empty() || Instant::now() > deadline {
-            break l;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let letters = redis.wait_for_dead_letters().await;
     pipeline.shutdown().await;
     assert_eq!(letters.len(), 1);
-    let letter: Value = serde_json::from_str(&letters[0]).unwrap();
+    let letter = &letters[0];
     assert_eq!((letter["id"].as_str(), letter["error_type"].as_str()), (Some("bad"), Some("unreadable")));
     assert!(letter["reason"].as_str().unwrap().contains("12 bytes"), "{letter}");
     assert!(es.doc("bad").await.is_none());

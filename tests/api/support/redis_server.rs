@@ -95,6 +95,26 @@ impl RedisServer {
         }
     }
 
+    /// The dead letters stored under the default prefix, oldest first, as JSON.
+    pub async fn dead_letters(&self) -> Vec<serde_json::Value> {
+        let mut conn = self.connection().await;
+        let raw: Vec<String> =
+            redis::cmd("LRANGE").arg("embedjoin:deadletter").arg(0).arg(-1).query_async(&mut conn).await.unwrap();
+        raw.iter().map(|l| serde_json::from_str(l).expect("a dead letter is JSON")).collect()
+    }
+
+    /// Waits until at least one dead letter is stored (or 30 s pass); returns them all.
+    pub async fn wait_for_dead_letters(&self) -> Vec<serde_json::Value> {
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let letters = self.dead_letters().await;
+            if !letters.is_empty() || std::time::Instant::now() > deadline {
+                return letters;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// A plain connection for assertions.
     pub async fn connection(&self) -> redis::aio::MultiplexedConnection {
         redis::Client::open(self.url()).unwrap().get_multiplexed_async_connection().await.unwrap()
