@@ -76,6 +76,8 @@ pub struct Metrics {
     pub shard_mailbox_depth: Family<ShardLabels, Gauge>,
     pub writer_queue_depth: Gauge,
     pub partial_bytes_resident: Gauge,
+    /// Bytes of complete documents between a shard and the end of their delivery.
+    pub document_bytes_resident: Gauge,
     pub bulk_requests: Family<StatusLabels, Counter>,
     pub bulk_request_failures: Counter,
     pub bulk_items: Family<StatusLabels, Counter>,
@@ -122,6 +124,7 @@ impl Metrics {
             shard_mailbox_depth: Family::default(),
             writer_queue_depth: Gauge::default(),
             partial_bytes_resident: Gauge::default(),
+            document_bytes_resident: Gauge::default(),
             bulk_requests: Family::default(),
             bulk_request_failures: Counter::default(),
             bulk_items: Family::default(),
@@ -177,6 +180,11 @@ impl Metrics {
         r.register("store_flush_seconds", "Duration of a flush", m.store_flush_seconds.clone());
         r.register("partials_resident", "Partial items held in memory", m.partials_resident.clone());
         r.register(
+            "document_bytes_resident",
+            "Bytes of complete documents queued for or in delivery (counted against shards.max_resident_bytes)",
+            m.document_bytes_resident.clone(),
+        );
+        r.register(
             "partial_bytes_resident",
             "Vector bytes of partials held in memory",
             m.partial_bytes_resident.clone(),
@@ -193,6 +201,12 @@ impl Metrics {
             m.part_to_indexed_seconds.clone(),
         );
         m
+    }
+
+    /// Bytes held for data in flight: partials in the shards and documents on their way to
+    /// the sink; ingress sheds load above `shards.max_resident_bytes`.
+    pub fn resident_bytes(&self) -> usize {
+        (self.partial_bytes_resident.get() + self.document_bytes_resident.get()).max(0) as usize
     }
 
     /// Records the latency of documents the sink just acknowledged.

@@ -32,7 +32,7 @@ use std::sync::{Arc, Mutex};
 use dashmap::DashMap;
 use prometheus_client::metrics::gauge::Gauge;
 
-pub use writer::{BulkWriter, WriterClosed, WriterHandle};
+pub use writer::{BulkWriter, Slot, WriterClosed, WriterHandle};
 
 /// The end a document reached.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

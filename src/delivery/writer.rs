@@ -10,6 +10,7 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use prometheus_client::metrics::gauge::Gauge;
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -24,10 +25,26 @@ use crate::sink::retry::RetryPolicy;
 use crate::sink::SinkClient;
 use crate::state::StateStore;
 
-/// Sends complete documents to the bulk writer.
+/// Sends complete documents to the bulk writer. Documents count in
+/// `document_bytes_resident` from the moment they are handed over until their delivery
+/// task ends, so that ingress sheds load whatever the traffic's shape.
 #[derive(Clone)]
 pub struct WriterHandle {
     tx: mpsc::Sender<Vec<Document>>,
+    held: Gauge,
+}
+
+/// A reserved slot in the writer's mailbox.
+pub struct Slot<'a> {
+    permit: mpsc::Permit<'a, Vec<Document>>,
+    held: &'a Gauge,
+}
+
+impl Slot<'_> {
+    pub fn send(self, docs: Vec<Document>) {
+        self.held.inc_by(held_bytes(&docs));
+        self.permit.send(docs);
+    }
 }
 
 /// The writer has stopped; the documents were not taken.
@@ -38,12 +55,18 @@ pub struct WriterClosed(pub Vec<Document>);
 impl WriterHandle {
     /// Queues documents, waiting while the writer's mailbox is full.
     pub async fn send(&self, docs: Vec<Document>) -> Result<(), WriterClosed> {
-        self.tx.send(docs).await.map_err(|e| WriterClosed(e.0))
+        let bytes = held_bytes(&docs);
+        self.held.inc_by(bytes);
+        self.tx.send(docs).await.map_err(|e| {
+            self.held.dec_by(bytes);
+            WriterClosed(e.0)
+        })
     }
 
     /// A slot in the writer's mailbox, to wait for without holding the documents.
-    pub async fn reserve(&self) -> Result<mpsc::Permit<'_, Vec<Document>>, WriterClosed> {
-        self.tx.reserve().await.map_err(|_| WriterClosed(Vec::new()))
+    pub async fn reserve(&self) -> Result<Slot<'_>, WriterClosed> {
+        let permit = self.tx.reserve().await.map_err(|_| WriterClosed(Vec::new()))?;
+        Ok(Slot { permit, held: &self.held })
     }
 }
 
@@ -82,6 +105,7 @@ impl BulkWriter {
         let es = &settings.elasticsearch;
         // Each message holds up to a flush of documents: bound it tightly.
         let (tx, rx) = mpsc::channel(settings.shard_count().max(4));
+        let held = metrics.document_bytes_resident.clone();
         let orphans = settings.durability.orphans;
         let writer = BulkWriter {
             rx,
@@ -106,7 +130,7 @@ impl BulkWriter {
             pending: VecDeque::new(),
             in_flight: JoinSet::new(),
         };
-        (WriterHandle { tx }, tokio::spawn(writer.run()))
+        (WriterHandle { tx, held }, tokio::spawn(writer.run()))
     }
 
     fn batch_is_full(&self) -> bool {
@@ -170,8 +194,10 @@ impl BulkWriter {
         while let Ok(more) = self.rx.try_recv() {
             docs.extend(more);
         }
+        let bytes = held_bytes(&docs);
         let (_, encoded) = encode(&self.ctx, docs);
         settle::park(&self.ctx, encoded).await;
+        self.ctx.metrics.document_bytes_resident.dec_by(bytes);
         while let Some(done) = self.in_flight.join_next().await {
             log_task_end(done);
         }
@@ -187,8 +213,18 @@ impl BulkWriter {
         let docs = std::mem::take(&mut self.batch.docs);
         self.batch.bytes = 0;
         self.batch.started = None;
-        self.in_flight.spawn(deliver(self.ctx.clone(), docs));
+        let ctx = self.ctx.clone();
+        self.in_flight.spawn(async move {
+            let bytes = held_bytes(&docs);
+            deliver(ctx.clone(), docs).await;
+            ctx.metrics.document_bytes_resident.dec_by(bytes);
+        });
     }
+}
+
+/// The bytes a batch of documents is counted for while it is held (its encoded estimate).
+fn held_bytes(docs: &[Document]) -> i64 {
+    docs.iter().map(estimated_size).sum::<usize>() as i64
 }
 
 /// About how many bytes a document takes in a bulk body: floats print in up to ~12 bytes.

@@ -59,7 +59,7 @@ pub async fn aggregate(
 
 /// Hands the parts to the shards and, in `persisted` mode, waits until they are durable.
 async fn submit(state: &AppState, mut parts: Vec<Part>) -> Result<(), ApiError> {
-    if state.metrics.partial_bytes_resident.get() as usize > state.durability.max_resident_bytes {
+    if state.metrics.resident_bytes() > state.durability.max_resident_bytes {
         state.metrics.overloaded.inc();
         return Err(ApiError::Overloaded("partials held in memory are at their cap"));
     }

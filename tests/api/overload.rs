@@ -150,3 +150,38 @@ async fn an_existing_index_whose_mapping_disagrees_is_a_clear_start_up_error() {
     );
     assert!(!error.contains("text_embedding"), "only what disagrees is named: {error}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn documents_waiting_for_a_stuck_sink_count_against_the_memory_cap() {
+    let (redis, es) = (RedisServer::start().await, EsTarget::start().await);
+    let Some(standin) = es.standin() else { return eprintln!("skipped: needs the stand-in's fault injection") };
+    let mut settings = test_settings(&redis, &es);
+    let cap = 2 << 20;
+    settings.shards.max_resident_bytes = cap;
+    let app = spawn_app(settings).await;
+    standin.faults().pause(); // the sink takes nothing: complete documents pile up
+    let gauge = |text: &str| -> f64 {
+        let line = text.lines().find(|l| l.starts_with("embedjoin_document_bytes_resident ")).expect("the gauge");
+        line.rsplit(' ').next().unwrap().parse().unwrap()
+    };
+    let (mut accepted, mut peak, mut refused) = (Vec::new(), 0.0f64, false);
+    for round in 0..200 {
+        // Both parts of 25 items per request: they complete in memory, never as partials.
+        let ids: Vec<String> = (0..25).map(|i| format!("held-{round}-{i}")).collect();
+        let r = app.post_json(&json!({"embeddings": both_parts(&ids).concat()})).await;
+        let metrics = app.http.get(format!("{}/metrics", app.address)).send().await.unwrap().text().await.unwrap();
+        peak = peak.max(gauge(&metrics));
+        if r.status() == 503 {
+            refused = true;
+            break;
+        }
+        assert_eq!(r.status(), 202);
+        accepted.extend(ids);
+    }
+    assert!(refused, "ingress shed load before the documents held exceeded the cap");
+    // One request's documents may land after the last check: about 270 KB here.
+    assert!(peak < (cap + (512 << 10)) as f64, "held {peak} bytes with a cap of {cap}");
+    standin.faults().resume();
+    assert_indexed_exactly(&es, &accepted).await;
+    app.stop().await.unwrap();
+}
