@@ -133,7 +133,7 @@ async fn attempt(ctx: &Context, docs: Vec<Encoded>, started: Instant) -> Step {
     match result {
         Ok(statuses) => {
             ctx.metrics.bulk_requests.get_or_create(&StatusLabels { status: 200 }).inc();
-            let (ended, letters, again, busy) = sort_items(ctx, docs, statuses);
+            let Sorted { ended, letters, again, busy } = sort_items(ctx, docs, statuses);
             if busy {
                 ctx.limit.on_backpressure();
             } else {
@@ -197,14 +197,17 @@ async fn keep_or_expire(ctx: &Context, docs: Vec<Encoded>, expired: bool, last: 
     Step::Done
 }
 
-/// Splits a bulk response's items into ended documents, dead letters and documents to send
-/// again; `true` if the cluster pushed back on some (429, 5xx). Stalls and recoveries are
-/// recorded on the way.
-fn sort_items(
-    ctx: &Context,
-    docs: Vec<Encoded>,
-    statuses: Vec<crate::sink::ItemStatus>,
-) -> (Vec<Ended>, Vec<(Encoded, DeadLetter)>, Vec<Encoded>, bool) {
+/// A bulk response's documents, sorted by what comes next for them.
+struct Sorted {
+    ended: Vec<Ended>,
+    letters: Vec<(Encoded, DeadLetter)>,
+    again: Vec<Encoded>,
+    /// The cluster pushed back on some (429, 5xx).
+    busy: bool,
+}
+
+/// Sorts a bulk response's items; stalls and recoveries are recorded on the way.
+fn sort_items(ctx: &Context, docs: Vec<Encoded>, statuses: Vec<crate::sink::ItemStatus>) -> Sorted {
     let (mut ended, mut letters, mut again) = (Vec::new(), Vec::new(), Vec::new());
     let (mut busy, mut stall) = (None, None);
     for (doc, item) in docs.into_iter().zip(statuses) {
@@ -234,7 +237,7 @@ fn sort_items(
     if let Some(last) = &busy {
         tracing::debug!(documents = again.len(), last_failure = %last, "Bulk items refused for now; retrying them.");
     }
-    (ended, letters, again, busy.is_some())
+    Sorted { ended, letters, again, busy: busy.is_some() }
 }
 
 /// Cuts encoded documents into bodies of at most `max_bytes` (a larger document goes alone).
