@@ -3,7 +3,6 @@
 //! It follows the `_bulk` contract strictly (see tests/api/support/es_standin.rs); it is
 //! not a search engine, and production code never knows about it.
 
-#[allow(dead_code)]
 #[path = "../tests/api/support/es_standin.rs"]
 mod es_standin;
 
