@@ -470,6 +470,46 @@ async fn es_standin_same_id_again_is_updated_with_growing_version() {
 }
 
 #[tokio::test]
+async fn es_standin_external_versions_refuse_an_older_write_with_409() {
+    let es = Es::with_index().await;
+    let versioned = |id: &str, version: u64, kind: &str| {
+        json!({"index": {"_index": INDEX, "_id": id, "version": version, "version_type": kind}})
+    };
+    let body = ndjson(&[
+        versioned("g", 1795989837613488, "external_gte"),
+        source("first", json!(vector(0.1, DIMS))),
+        // The same version again: applied with external_gte (a resend of one completion).
+        versioned("g", 1795989837613488, "external_gte"),
+        source("again", json!(vector(0.2, DIMS))),
+        // An older version: refused, the newer stays.
+        versioned("g", 1795989837613400, "external_gte"),
+        source("older", json!(vector(0.3, DIMS))),
+        // `external` refuses an equal version too.
+        versioned("e", 10, "external"),
+        source("ten", json!(vector(0.4, DIMS))),
+        versioned("e", 10, "external"),
+        source("ten again", json!(vector(0.5, DIMS))),
+    ]);
+    let (status, v) = json_of(post_bulk(&es, "/_bulk", body).await.unwrap()).await;
+    assert_eq!(status, 200);
+    assert_eq!(v["errors"], true);
+    assert_eq!(item_statuses(&v), vec![201, 200, 409, 201, 409]);
+    assert_eq!(item(&v, 0, "index")["_version"], 1795989837613488u64, "the given version is stored");
+    let older = item(&v, 2, "index");
+    assert_eq!(older["error"]["type"], "version_conflict_engine_exception");
+    assert_eq!(
+        older["error"]["reason"],
+        "[g]: version conflict, current version [1795989837613488] is higher than the one provided [1795989837613400]"
+    );
+    assert_eq!(
+        item(&v, 4, "index")["error"]["reason"],
+        "[e]: version conflict, current version [10] is higher or equal to the one provided [10]"
+    );
+    assert_eq!(es.doc(INDEX, "g").await.unwrap()["item_id"], "again", "the refused write changed nothing");
+    assert_eq!(es.version(INDEX, "g").await, Some(1795989837613488));
+}
+
+#[tokio::test]
 async fn es_standin_create_on_existing_id_is_409() {
     let es = Es::with_index().await;
     let create = json!({"create": {"_index": INDEX, "_id": "a"}});

@@ -38,8 +38,10 @@ async fn a_429_storm_longer_than_any_retry_budget_dead_letters_nothing() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert_eq!(es.count().await, 0);
+    let refused = standin.stats().items_failed.get(&429).copied().unwrap_or(0);
     standin.faults().set_item_429_ratio(0.0);
     assert_indexed_exactly(&es, &ids).await;
+    eprintln!("429 storm: {} documents refused {refused} times in all, then every one indexed", ids.len());
     app.stop().await.unwrap();
     assert!(redis.dead_letters().await.is_empty(), "busy is not wrong");
 }
@@ -58,6 +60,7 @@ async fn an_outage_across_sigterm_ends_within_the_deadline_and_the_next_start_in
     app.stop().await.unwrap();
     let took = started.elapsed();
     assert!(took < Duration::from_secs(4), "shutdown took {took:?} with a 2 s deadline");
+    eprintln!("outage across SIGTERM: shutdown took {took:?} with a 2 s deadline");
     assert_eq!(standin.doc_count(&es.index), 0, "nothing could be indexed");
     standin.faults().set_unavailable(false);
     let again = spawn_app(settings).await;
