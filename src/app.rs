@@ -134,7 +134,7 @@ impl Application {
         let state = AppState {
             router: pipeline.router.clone(),
             schema: pipeline.schema.clone(),
-            limits: Limits { max_id_bytes: settings.http.max_id_bytes },
+            limits: Limits::from_settings(&settings),
             max_body_bytes: settings.http.max_body_bytes,
             max_batch_items: settings.http.max_batch_items,
             store: pipeline.store.clone(),

@@ -74,6 +74,10 @@ pub struct Metrics {
     pub shard_mailbox_depth: Family<ShardLabels, Gauge>,
     pub writer_queue_depth: Gauge,
     pub partial_bytes_resident: Gauge,
+    /// Bytes of request bodies ingress holds while reading and parsing them.
+    pub request_bytes_resident: Gauge,
+    /// Dead letters the state store dropped, oldest first, because it held `durability.dead_letter_max`.
+    pub dead_letters_dropped: Counter,
     pub bulk_requests: Family<StatusLabels, Counter>,
     pub bulk_request_failures: Counter,
     pub bulk_items: Family<StatusLabels, Counter>,
@@ -118,6 +122,8 @@ impl Metrics {
             shard_mailbox_depth: Family::default(),
             writer_queue_depth: Gauge::default(),
             partial_bytes_resident: Gauge::default(),
+            request_bytes_resident: Gauge::default(),
+            dead_letters_dropped: Counter::default(),
             bulk_requests: Family::default(),
             bulk_request_failures: Counter::default(),
             bulk_items: Family::default(),
@@ -166,6 +172,16 @@ impl Metrics {
             "partial_bytes_resident",
             "Vector bytes of partials held in memory",
             m.partial_bytes_resident.clone(),
+        );
+        r.register(
+            "request_bytes_resident",
+            "Bytes of request bodies held while they are read and parsed",
+            m.request_bytes_resident.clone(),
+        );
+        r.register(
+            "dead_letters_dropped",
+            "Oldest dead letters dropped because the store held durability.dead_letter_max",
+            m.dead_letters_dropped.clone(),
         );
         r.register("bulk_requests", "Bulk requests answered, by HTTP status", m.bulk_requests.clone());
         r.register("bulk_request_failures", "Bulk requests with no answer", m.bulk_request_failures.clone());
