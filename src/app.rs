@@ -47,12 +47,13 @@ impl Pipeline {
     /// Connects the backends, prepares the sink and starts the actors.
     pub async fn start(settings: &Settings) -> anyhow::Result<Pipeline> {
         let schema = Schema::new(&settings.parts);
-        let store = StateStore::connect(settings, &schema)
+        let mut store = StateStore::connect(settings, &schema)
             .await
             .with_context(|| format!("cannot connect to the state store ({:?})", settings.state.backend))?;
         let sink = SinkClient::new(settings)?;
         sink.prepare(settings, &schema).await.context("cannot prepare the sink")?;
         let metrics = Arc::new(Metrics::new());
+        store.count_dropped_letters_in(metrics.dead_letters_dropped.clone());
         let (cancel, give_up) = (CancellationToken::new(), CancellationToken::new());
         let in_flight = InFlight::default();
         let (writer_handle, writer) = BulkWriter::spawn(

@@ -251,5 +251,6 @@ fn letter(doc: &Encoded, status: Option<u16>, error_type: String, reason: String
         attempts,
         document: doc.op.slice(doc.source.clone()),
         at: SystemTime::now(),
+        version: None,
     }
 }
