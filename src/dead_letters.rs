@@ -98,7 +98,7 @@ fn matches(letter: &DeadLetter, reason: Option<&str>) -> bool {
 async fn open_store(settings: &Settings) -> anyhow::Result<StateStore> {
     let schema = Schema::new(&settings.parts);
     let store = StateStore::connect(settings, &schema).await;
-    Ok(store.map_err(|e| anyhow::anyhow!("cannot open the state store ({:?}): {e}", settings.state.backend))?)
+    store.map_err(|e| anyhow::anyhow!("cannot open the state store ({:?}): {e}", settings.state.backend))
 }
 
 async fn list(settings: &Settings, reason: Option<&str>, limit: Option<usize>) -> anyhow::Result<()> {

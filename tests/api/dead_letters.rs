@@ -133,7 +133,7 @@ async fn a_letter_the_mapping_refused_is_replayed_after_the_fix_and_leaves_the_l
     standin.create_index(&es.index, mappings(false)).unwrap();
     let settings = test_settings(&redis, &es);
     let app = spawn_app(settings.clone()).await;
-    let mut priced = vec![item("priced", TEXT, 384), item("priced", IMAGE, 512)];
+    let mut priced = [item("priced", TEXT, 384), item("priced", IMAGE, 512)];
     priced[0]["metadata"] = json!({"price": "cheap"});
     let batch = json!({"embeddings": [priced[0], priced[1], item("fine", TEXT, 384), item("fine", IMAGE, 512)]});
     assert_eq!(app.post_json(&batch).await.status(), 202);
