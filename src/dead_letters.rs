@@ -64,7 +64,7 @@ pub enum DeadLetterCommand {
 /// What a replay did, printed as one JSON line.
 #[derive(Debug, Default, serde::Serialize)]
 pub struct Summary {
-    /// Letters that matched the filter and could be replayed.
+    /// Letters that matched the filter and were sent in a request the sink answered.
     pub replayed: u64,
     /// Taken by the sink (2xx): removed from the store.
     pub indexed: u64,
@@ -194,8 +194,8 @@ async fn send<'a>(
             end += 1;
         }
         let letters = &batch[start..end];
-        summary.replayed += letters.len() as u64;
         let statuses = sink.bulk(body.freeze(), letters.len()).await?;
+        summary.replayed += letters.len() as u64;
         for ((stored, _), status) in letters.iter().zip(statuses) {
             match settled(&status) {
                 Some(true) => summary.indexed += 1,

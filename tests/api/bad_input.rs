@@ -273,9 +273,12 @@ async fn slow_clients_are_cut_off_by_the_body_timeout_while_others_are_served() 
     sending.wait().await;
 
     // All 64 are trickling: a normal request is still served, well before they are cut.
+    let asked = Instant::now();
     let response = app.post_json(&json!({"embeddings": [item("meanwhile", TEXT, 384)]})).await;
     assert_eq!(response.status(), 202);
+    let served_in = asked.elapsed();
     assert!(started.elapsed() < timeout, "served after {:?}", started.elapsed());
+    let mut cut_after = Vec::new();
 
     for client in slow {
         // The client returns only once the server closed the connection.
@@ -287,6 +290,49 @@ async fn slow_clients_are_cut_off_by_the_body_timeout_while_others_are_served() 
             answered_after >= timeout && answered_after < timeout + Duration::from_secs(5),
             "cut after {answered_after:?}"
         );
+        cut_after.push(answered_after);
     }
+    let (first, last) = (cut_after.iter().min().unwrap(), cut_after.iter().max().unwrap());
+    eprintln!("slow clients: 64 cut with 408 after {first:?}..{last:?}; a normal request meanwhile took {served_in:?}");
+    app.stop().await.unwrap();
+}
+
+/// `embedjoin_request_bytes_resident` as `GET /metrics` shows it.
+async fn request_bytes_resident(app: &crate::support::app::TestApp) -> u64 {
+    let text = app.http.get(format!("{}/metrics", app.address)).send().await.unwrap().text().await.unwrap();
+    let name = "embedjoin_request_bytes_resident ";
+    text.lines().find_map(|l| l.strip_prefix(name)).and_then(|v| v.trim().parse().ok()).unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bodies_being_read_count_against_the_resident_memory_cap() {
+    let (redis, es) = (RedisServer::start().await, EsTarget::start().await);
+    let mut settings = test_settings(&redis, &es);
+    settings.shards.max_resident_bytes = 1_000_000;
+    let app = spawn_app(settings).await;
+    // A client that announces 900 kB and sends nothing more: its buffer is held meanwhile.
+    let mut slow = tokio::net::TcpStream::connect(app.address.trim_start_matches("http://")).await.unwrap();
+    let head = "POST /aggregate/ HTTP/1.1\r\nHost: embedjoin\r\nContent-Type: application/json\r\n\
+                Content-Length: 900000\r\n\r\n{";
+    slow.write_all(head.as_bytes()).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while request_bytes_resident(&app).await < 900_000 {
+        assert!(Instant::now() < deadline, "the body's buffer was never charged");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+
+    let big = json!({"embeddings": (0..40).map(|i| item(&format!("b{i}"), TEXT, 384)).collect::<Vec<_>>()});
+    assert!(serde_json::to_vec(&big).unwrap().len() > 100_000);
+    let response = app.post_json(&big).await;
+    assert_eq!(error_code(response).await, (503, "overloaded".into()), "over the cap with the held body");
+    let small = json!({"embeddings": [item("small", TEXT, 384)]});
+    assert_eq!(app.post_json(&small).await.status(), 202, "what fits is still taken");
+
+    drop(slow);
+    while request_bytes_resident(&app).await > 0 {
+        assert!(Instant::now() < deadline + Duration::from_secs(10), "the charge was never released");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(app.post_json(&big).await.status(), 202, "taken once the held body is gone");
     app.stop().await.unwrap();
 }
