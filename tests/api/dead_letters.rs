@@ -3,6 +3,7 @@
 //! is fixed, leaving the store when the sink takes them.
 
 use std::process::Command;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
@@ -11,6 +12,7 @@ use embedjoin::model::Schema;
 use embedjoin::state::{DeadLetter, LetterCursor, StateStore};
 use prometheus_client::metrics::counter::Counter;
 use serde_json::{json, Value};
+use tracing::instrument::WithSubscriber;
 
 use crate::support::app::{spawn_app, test_settings};
 use crate::support::data::{item, IMAGE, TEXT};
@@ -48,6 +50,31 @@ async fn ids(store: &StateStore) -> Vec<String> {
     }
 }
 
+/// What a future logs, captured.
+#[derive(Clone, Default)]
+struct Log(Arc<Mutex<Vec<u8>>>);
+
+impl Log {
+    fn subscriber(&self) -> impl tracing::Subscriber + Send + Sync {
+        let log = self.clone();
+        tracing_subscriber::fmt().with_ansi(false).with_writer(move || log.clone()).finish()
+    }
+
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+    }
+}
+
+impl std::io::Write for Log {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 async fn a_full_store_drops_its_oldest_letters_and_counts_them(backend: StateBackend) {
     let redis = RedisServer::start().await;
     let dir = tempfile::tempdir().unwrap();
@@ -60,12 +87,15 @@ async fn a_full_store_drops_its_oldest_letters_and_counts_them(backend: StateBac
     let dropped = Counter::default();
     store.count_dropped_letters_in(dropped.clone());
 
+    let log = Log::default();
     store.dead_letter(&[letter("a", "t", "r", None), letter("b", "t", "r", None)]).await.unwrap();
     assert_eq!(dropped.get(), 0);
     let more = [letter("c", "t", "r", None), letter("d", "t", "r", Some(4)), letter("e", "t", "r", None)];
-    store.dead_letter(&more).await.unwrap();
+    store.dead_letter(&more).with_subscriber(log.subscriber()).await.unwrap();
     assert_eq!(ids(&store).await, ["c", "d", "e"], "the oldest went");
     assert_eq!(dropped.get(), 2, "each drop is counted");
+    let logged = log.text();
+    assert!(logged.contains("ERROR") && logged.contains("dropped=2"), "and logged at ERROR: {logged}");
 
     // Removing letters while walking them keeps the walk on the next unread one.
     let mut cursor = LetterCursor::default();
