@@ -10,14 +10,14 @@
 use std::hint::black_box;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use embedjoin::config::PartSettings;
+use embedjoin::config::{PartSettings, Similarity};
 use embedjoin::model::ingest::{parse_batch, parse_batch_serde, Limits};
 use embedjoin::model::Schema;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 const ITEMS: usize = 100;
-const LIMITS: Limits = Limits { max_id_bytes: 512 };
+const LIMITS: Limits = Limits { max_id_bytes: 512, similarity: Similarity::Cosine, max_metadata_bytes: 65536 };
 
 fn schema() -> Schema {
     Schema::new(&[

@@ -50,12 +50,13 @@ impl Pipeline {
     /// Connects the backends, prepares the sink and starts the actors.
     pub async fn start(settings: &Settings) -> anyhow::Result<Pipeline> {
         let schema = Schema::new(&settings.parts);
-        let store = StateStore::connect(settings, &schema)
+        let mut store = StateStore::connect(settings, &schema)
             .await
             .with_context(|| format!("cannot connect to the state store ({:?})", settings.state.backend))?;
         let sink = SinkClient::new(settings)?;
         sink.prepare(settings, &schema).await.context("cannot prepare the sink")?;
         let metrics = Arc::new(Metrics::new());
+        store.count_dropped_letters_in(metrics.dead_letters_dropped.clone());
         let (cancel, give_up) = (CancellationToken::new(), CancellationToken::new());
         let (in_flight, sink_health) = (InFlight::default(), SinkHealth::new(metrics.sink_stalled.clone()));
         let (writer_handle, writer) = BulkWriter::spawn(
@@ -138,7 +139,7 @@ impl Application {
         let state = AppState {
             router: pipeline.router.clone(),
             schema: pipeline.schema.clone(),
-            limits: Limits { max_id_bytes: settings.http.max_id_bytes },
+            limits: Limits::from_settings(&settings),
             max_body_bytes: settings.http.max_body_bytes,
             max_batch_items: settings.http.max_batch_items,
             store: pipeline.store.clone(),

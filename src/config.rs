@@ -77,6 +77,12 @@ pub struct HttpSettings {
     pub max_id_bytes: usize,
     /// actix-web workers; 0 means one per core.
     pub workers: usize,
+    /// Longest a request may take to send its body (and its headers); then 408 and the
+    /// connection is closed, so slow clients cannot hold connections and buffers.
+    #[serde(with = "humantime_serde")]
+    pub body_timeout: Duration,
+    /// Largest `metadata` of one item, measured as serialized JSON.
+    pub max_metadata_bytes: usize,
     /// When set, `POST /aggregate*` and `GET /documents/*` need `Authorization: Bearer
     /// <token>`; empty leaves them open.
     pub auth_token: Secret,
@@ -133,6 +139,8 @@ pub struct DurabilitySettings {
     #[serde(with = "humantime_serde")]
     pub maintenance_interval: Duration,
     pub orphans: OrphanAction,
+    /// Most dead letters the state store keeps; the oldest go first (counted, logged at ERROR).
+    pub dead_letter_max: usize,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
@@ -425,6 +433,8 @@ impl Settings {
         if !(1..=512).contains(&self.http.max_id_bytes) {
             return Err(invalid("http.max_id_bytes", "must be between 1 and 512"));
         }
+        nonzero_duration("http.body_timeout", self.http.body_timeout)?;
+        positive("http.max_metadata_bytes", self.http.max_metadata_bytes)?;
         // It travels in a header: RFC 6750's token68 characters, no spaces.
         let token_char = |c: char| c.is_ascii_alphanumeric() || "-._~+/=".contains(c);
         if !self.http.auth_token.expose().chars().all(token_char) {
@@ -441,6 +451,7 @@ impl Settings {
         nonzero_duration("durability.enqueue_timeout", d.enqueue_timeout)?;
         nonzero_duration("durability.maintenance_interval", d.maintenance_interval)?;
         nonzero_duration("durability.outbox_resend_after", d.outbox_resend_after)?;
+        positive("durability.dead_letter_max", d.dead_letter_max)?;
         if d.maintenance_interval.saturating_mul(2) > d.outbox_resend_after {
             return Err(invalid(
                 "durability.outbox_resend_after",

@@ -26,12 +26,14 @@
 //! - [`app`]: assembles everything; [`shutdown`] and [`telemetry`] serve the binary.
 //! - [`bench`]: `embedjoin bench`, the in-process (or `--http`) benchmark.
 //! - [`check`]: `embedjoin check`, which validates the settings and reaches each backend.
+//! - [`dead_letters`]: `embedjoin dead-letters list|replay`, for documents the sink refused.
 //! - [`secret`]: secrets in settings, and how they stay out of logs and printed configs.
 
 pub mod app;
 pub mod bench;
 pub mod check;
 pub mod config;
+pub mod dead_letters;
 pub mod delivery;
 pub mod http;
 pub mod metrics;

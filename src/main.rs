@@ -26,6 +26,9 @@ enum Command {
     /// Validate the settings, reach each backend, and print the effective settings
     /// (secrets shown as ***); exits non-zero, saying what to fix, when something is wrong.
     Check(embedjoin::check::CheckArgs),
+    /// List the documents the sink refused for good, or send them again once the cause is
+    /// fixed: `dead-letters list|replay [--reason R]`.
+    DeadLetters(embedjoin::dead_letters::DeadLetterArgs),
 }
 
 fn main() -> ExitCode {
@@ -42,11 +45,14 @@ fn main() -> ExitCode {
     if let Some(Command::Check(args)) = &cli.command {
         return runtime.block_on(embedjoin::check::run(&settings, args));
     }
+    if let Some(Command::DeadLetters(args)) = &cli.command {
+        return runtime.block_on(embedjoin::dead_letters::run(&settings, args));
+    }
     let result = runtime.block_on(async {
         match cli.command.unwrap_or(Command::Serve) {
             Command::Serve => serve(settings).await,
             Command::Bench(args) => embedjoin::bench::run(settings, args).await,
-            Command::Check(_) => unreachable!("handled above"),
+            Command::Check(_) | Command::DeadLetters(_) => unreachable!("handled above"),
         }
     });
     match result {

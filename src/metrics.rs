@@ -78,6 +78,10 @@ pub struct Metrics {
     pub partial_bytes_resident: Gauge,
     /// Bytes of complete documents between a shard and the end of their delivery.
     pub document_bytes_resident: Gauge,
+    /// Bytes of request bodies ingress holds while reading and parsing them.
+    pub request_bytes_resident: Gauge,
+    /// Dead letters the state store dropped, oldest first, because it held `durability.dead_letter_max`.
+    pub dead_letters_dropped: Counter,
     pub bulk_requests: Family<StatusLabels, Counter>,
     pub bulk_request_failures: Counter,
     pub bulk_items: Family<StatusLabels, Counter>,
@@ -125,6 +129,8 @@ impl Metrics {
             writer_queue_depth: Gauge::default(),
             partial_bytes_resident: Gauge::default(),
             document_bytes_resident: Gauge::default(),
+            request_bytes_resident: Gauge::default(),
+            dead_letters_dropped: Counter::default(),
             bulk_requests: Family::default(),
             bulk_request_failures: Counter::default(),
             bulk_items: Family::default(),
@@ -189,6 +195,16 @@ impl Metrics {
             "Vector bytes of partials held in memory",
             m.partial_bytes_resident.clone(),
         );
+        r.register(
+            "request_bytes_resident",
+            "Bytes of request bodies held while they are read and parsed",
+            m.request_bytes_resident.clone(),
+        );
+        r.register(
+            "dead_letters_dropped",
+            "Oldest dead letters dropped because the store held durability.dead_letter_max",
+            m.dead_letters_dropped.clone(),
+        );
         r.register("bulk_requests", "Bulk requests answered, by HTTP status", m.bulk_requests.clone());
         r.register("bulk_request_failures", "Bulk requests with no answer", m.bulk_request_failures.clone());
         r.register("bulk_items", "Bulk item results, by status", m.bulk_items.clone());
@@ -203,8 +219,9 @@ impl Metrics {
         m
     }
 
-    /// Bytes held for data in flight: partials in the shards and documents on their way to
-    /// the sink; ingress sheds load above `shards.max_resident_bytes`.
+    /// Bytes the pipeline holds: partials in the shards and documents on their way to the
+    /// sink (request bodies being read are in `request_bytes_resident`); ingress sheds load
+    /// above `shards.max_resident_bytes`.
     pub fn resident_bytes(&self) -> usize {
         (self.partial_bytes_resident.get() + self.document_bytes_resident.get()).max(0) as usize
     }

@@ -307,7 +307,11 @@ mod tests {
     fn msgpack_batches_carry_the_same_parts_as_json() {
         let s = spec(Order::Shuffled, 0.0);
         let schema = crate::model::Schema::new(&s.parts);
-        let limits = crate::model::ingest::Limits { max_id_bytes: 512 };
+        let limits = crate::model::ingest::Limits {
+            max_id_bytes: 512,
+            similarity: crate::config::Similarity::Cosine,
+            max_metadata_bytes: 65536,
+        };
         for ((json, n), (msgpack, m)) in s.json_batches().iter().zip(s.msgpack_batches()) {
             assert_eq!(*n, m);
             let (a, ra) = crate::model::ingest::parse_batch(json, &schema, limits).unwrap();

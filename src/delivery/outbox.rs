@@ -148,6 +148,7 @@ impl Maintenance {
                         attempts: 0,
                         document: Bytes::from_static(b"null"),
                         at: SystemTime::now(),
+                        version: None,
                     },
                     version,
                 )),

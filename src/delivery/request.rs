@@ -355,5 +355,7 @@ fn letter(doc: &Encoded, status: Option<u16>, error_type: String, reason: String
         attempts,
         document: doc.op.slice(doc.source.clone()),
         at: SystemTime::now(),
+        // A replay writes it with this version: it never overwrites a newer document.
+        version: Some(doc.version),
     }
 }

@@ -18,6 +18,9 @@ pub enum ApiError {
     EmptyBatch,
     #[error("cannot read the request body: {0}")]
     BadBody(String),
+    /// The body did not arrive within `http.body_timeout`; the connection is closed.
+    #[error("the request body did not arrive within {0:?}; send it faster or in smaller requests")]
+    BodyTimeout(std::time::Duration),
     #[error("the service is shutting down; retry on another instance")]
     ShuttingDown,
     #[error("the service is saturated ({0}); retry later")]
@@ -42,6 +45,7 @@ impl ApiError {
             ApiError::TooManyItems { .. } => "too_many_items",
             ApiError::EmptyBatch => "empty_batch",
             ApiError::BadBody(_) => "bad_body",
+            ApiError::BodyTimeout(_) => "body_timeout",
             ApiError::ShuttingDown => "shutting_down",
             ApiError::Overloaded(_) => "overloaded",
             ApiError::NotDurableInTime(_) => "not_durable_in_time",
@@ -65,6 +69,7 @@ impl ResponseError for ApiError {
             }
             ApiError::StateUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Unauthorized { .. } => StatusCode::UNAUTHORIZED,
+            ApiError::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
         }
     }
@@ -73,6 +78,10 @@ impl ResponseError for ApiError {
         let mut response = HttpResponse::build(self.status_code());
         if self.status_code() == StatusCode::SERVICE_UNAVAILABLE {
             response.insert_header(("Retry-After", "1"));
+        }
+        if let ApiError::BodyTimeout(_) = self {
+            // The rest of the body may still be on its way: the connection cannot be reused.
+            response.force_close();
         }
         if let ApiError::Unauthorized { missing } = self {
             // RFC 6750: a request without credentials gets no error code.

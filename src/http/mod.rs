@@ -57,11 +57,13 @@ pub fn server(listener: TcpListener, state: AppState, settings: &Settings) -> st
     let state = web::Data::new(state);
     let token = auth::BearerToken(settings.http.auth_token.clone());
     let openapi = web::Data::new(openapi::OpenApi::new(settings));
+    let body_timeout = web::Data::new(ingest::BodyTimeout(settings.http.body_timeout));
     let mut server = HttpServer::new(move || {
         App::new()
             .app_data(state.clone())
             .app_data(token.clone())
             .app_data(openapi.clone())
+            .app_data(body_timeout.clone())
             // A path that does not decode (`%FF`) names nothing: the JSON 404, not a text one.
             .app_data(
                 web::PathConfig::default()
@@ -86,6 +88,10 @@ pub fn server(listener: TcpListener, state: AppState, settings: &Settings) -> st
             .route("/metrics", web::get().to(metrics))
             .default_service(web::to(not_found))
     })
+    // Headers get `http.body_timeout` too (actix answers 408); the body's own timeout is in
+    // `ingest`. A connection being closed gets a second to say goodbye, no more.
+    .client_request_timeout(settings.http.body_timeout)
+    .client_disconnect_timeout(std::time::Duration::from_secs(1))
     .listen(listener)?
     .disable_signals()
     .shutdown_timeout(30);

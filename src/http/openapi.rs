@@ -58,7 +58,8 @@ pub fn document(settings: &Settings) -> Value {
     let example: Vec<Value> = settings
         .parts
         .iter()
-        .map(|p| json!({"id": "sku-1", "embedding_type": p.type_name, "embedding": vec![0.5f32; p.dims]}))
+        // Unit length: taken whatever `elasticsearch.similarity` is.
+        .map(|p| json!({"id": "sku-1", "embedding_type": p.type_name, "embedding": vec![1.0 / (p.dims as f32).sqrt(); p.dims]}))
         .collect();
     doc["components"]["requestBodies"]["Ingest"]["content"]["application/json"]["example"] =
         json!({ "embeddings": example });

@@ -8,6 +8,14 @@
 //! Two readers give the same [`RawItem`]s: [`decode`], a hand-written scanner that
 //! [`parse_batch`] uses because it is about twice as fast, and the serde visitors below
 //! ([`parse_batch_serde`]), the reference that tests and benches compare it with.
+//!
+//! Validation refuses what Elasticsearch would refuse later, so that a document that
+//! completes is one the sink takes: a vector it cannot index for the configured similarity
+//! (`zero_vector`, `not_unit_length`), metadata keys it reserves or that would land on a
+//! vector field (`bad_metadata`), objects nested deeper than its mapping depth limit
+//! (`metadata_too_deep`), and metadata over `http.max_metadata_bytes`
+//! (`metadata_too_large`). JSON and MessagePack bodies meet the same checks: both become
+//! [`RawItem`]s first.
 
 use std::fmt;
 use std::time::Instant;
@@ -16,6 +24,7 @@ use serde::de::{self, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde::{Deserialize, Serialize};
 
 use super::{Metadata, Part, Schema, RESERVED_FIELDS};
+use crate::config::{Settings, Similarity};
 
 // A child of this module (though it sits beside it) so that it can build `RawItem`s.
 #[path = "decode.rs"]
@@ -57,7 +66,29 @@ pub struct RawItem {
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
     pub max_id_bytes: usize,
+    /// The index's similarity: `cosine` refuses zero vectors, `dot_product` non-unit ones.
+    pub similarity: Similarity,
+    /// Largest metadata of one item, as serialized JSON.
+    pub max_metadata_bytes: usize,
 }
+
+impl Limits {
+    pub fn from_settings(settings: &Settings) -> Limits {
+        Limits {
+            max_id_bytes: settings.http.max_id_bytes,
+            similarity: settings.elasticsearch.similarity,
+            max_metadata_bytes: settings.http.max_metadata_bytes,
+        }
+    }
+}
+
+/// Elasticsearch's `index.mapping.depth.limit` (default 20): objects nested deeper fail the
+/// document. The document root (where metadata is merged) counts as 1; arrays do not count.
+pub const METADATA_MAX_OBJECT_DEPTH: usize = 20;
+
+/// Elasticsearch's tolerance on the squared magnitude of a `dot_product` vector (8.x before
+/// 8.15 used 1e-4, later versions 1e-3: the stricter one holds for every version).
+const UNIT_LENGTH_TOLERANCE: f32 = 1e-4;
 
 impl RawItem {
     /// Checks the item against the schema and turns it into a [`Part`].
@@ -109,6 +140,9 @@ impl RawItem {
             let reason = format!("`embedding[{at}]` is not a finite 32-bit float");
             return Err(reject(Some(&id), "non_finite", reason));
         }
+        if let Err((code, reason)) = check_magnitude(&vector, limits.similarity) {
+            return Err(reject(Some(&id), code, reason));
+        }
         let metadata = match self.metadata {
             None => None,
             Some(Err(what)) => {
@@ -116,17 +150,134 @@ impl RawItem {
                 return Err(reject(Some(&id), "bad_metadata", reason));
             }
             Some(Ok(m)) => {
-                let clash = m
-                    .keys()
-                    .find(|k| RESERVED_FIELDS.contains(&k.as_str()) || schema.parts().iter().any(|p| &p.field == *k));
-                if let Some(key) = clash {
-                    let reason = format!("`metadata` key {key:?} is a field embedjoin writes itself");
-                    return Err(reject(Some(&id), "bad_metadata", reason));
+                if let Err((code, reason)) = check_metadata(&m, schema, limits) {
+                    return Err(reject(Some(&id), code, reason));
                 }
                 Some(m)
             }
         };
         Ok(Part { id, slot, vector, metadata, received_at: now, stamp: super::stamp::next(), ack: None })
+    }
+}
+
+/// What Elasticsearch checks of a float vector's squared magnitude, computed as it does (in
+/// f32, in order), so that values that underflow in f32 count as zero.
+fn check_magnitude(vector: &[f32], similarity: Similarity) -> Result<(), (&'static str, String)> {
+    let squared = vector.iter().fold(0f32, |sum, x| sum + x * x);
+    if !squared.is_finite() {
+        let reason = "the vector's squared magnitude overflows a 32-bit float".to_owned();
+        return Err(("non_finite", reason));
+    }
+    match similarity {
+        Similarity::Cosine if squared == 0.0 => {
+            let reason = "the `cosine` similarity cannot index a vector of zero magnitude (every value is 0, \
+                          or too small to square in a 32-bit float)";
+            Err(("zero_vector", reason.to_owned()))
+        }
+        Similarity::DotProduct if (squared - 1.0).abs() > UNIT_LENGTH_TOLERANCE => {
+            let reason = format!(
+                "the `dot_product` similarity needs unit-length vectors; this one's squared length is {squared} \
+                 (allowed: 1 ± {UNIT_LENGTH_TOLERANCE})"
+            );
+            Err(("not_unit_length", reason))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Metadata Elasticsearch would refuse, or that would overwrite a field embedjoin writes.
+fn check_metadata(m: &Metadata, schema: &Schema, limits: Limits) -> Result<(), (&'static str, String)> {
+    let bad = |reason: String| Err(("bad_metadata", reason));
+    let ours = |name: &str| RESERVED_FIELDS.contains(&name) || schema.parts().iter().any(|p| p.field == name);
+    for key in m.keys() {
+        if key.starts_with('_') {
+            return bad(format!(
+                "`metadata` key {key:?} starts with `_`, which Elasticsearch reserves for its metadata fields"
+            ));
+        }
+        // `a.b` is the field `b` inside the object `a`: `text_embedding.x` would land in the vector.
+        let first = key.split('.').next().unwrap_or_default();
+        if ours(first) {
+            return bad(format!("`metadata` key {key:?} names the field {first:?}, which embedjoin writes itself"));
+        }
+    }
+    if let Some(reason) = bad_key(m) {
+        return bad(reason);
+    }
+    if object_depth(m, METADATA_MAX_OBJECT_DEPTH) > METADATA_MAX_OBJECT_DEPTH {
+        let reason = format!(
+            "`metadata` nests objects more than {METADATA_MAX_OBJECT_DEPTH} levels deep (Elasticsearch's mapping depth limit)"
+        );
+        return Err(("metadata_too_deep", reason));
+    }
+    let mut size = SizeLimit { written: 0, limit: limits.max_metadata_bytes };
+    if serde_json::to_writer(&mut size, m).is_err() {
+        let reason = format!("`metadata` is over {} bytes as JSON", limits.max_metadata_bytes);
+        return Err(("metadata_too_large", reason));
+    }
+    Ok(())
+}
+
+/// The first key, at any depth, that Elasticsearch refuses as a field name: empty, blank,
+/// or with an empty segment around a dot.
+fn bad_key(m: &Metadata) -> Option<String> {
+    use serde_json::Value;
+    let (mut maps, mut values): (Vec<&Metadata>, Vec<&Value>) = (vec![m], Vec::new());
+    while let Some(map) = maps.pop() {
+        for (key, value) in map {
+            if key.trim().is_empty() {
+                return Some(format!("`metadata` key {key:?} is empty or blank; Elasticsearch needs a field name"));
+            }
+            if key.split('.').any(str::is_empty) {
+                return Some(format!(
+                    "`metadata` key {key:?} has an empty part around a `.`; Elasticsearch cannot resolve the object path"
+                ));
+            }
+            values.push(value);
+        }
+        while let Some(value) = values.pop() {
+            match value {
+                Value::Object(inner) => maps.push(inner),
+                Value::Array(items) => values.extend(items),
+                _ => {}
+            }
+        }
+    }
+    None
+}
+
+/// Depth of the deepest object in `m`, `m` counting as 1 and arrays as nothing; stops
+/// counting past `limit` (so a hostile nesting costs no more than `limit` levels).
+fn object_depth(m: &Metadata, limit: usize) -> usize {
+    fn value_depth(v: &serde_json::Value, budget: usize) -> usize {
+        match v {
+            serde_json::Value::Object(m) => object_depth(m, budget),
+            serde_json::Value::Array(items) => items.iter().map(|x| value_depth(x, budget)).max().unwrap_or(0),
+            _ => 0,
+        }
+    }
+    if limit == 0 {
+        return 1;
+    }
+    1 + m.values().map(|v| value_depth(v, limit - 1)).max().unwrap_or(0)
+}
+
+/// A writer that only counts, and fails once past its limit (which ends serializing early).
+struct SizeLimit {
+    written: usize,
+    limit: usize,
+}
+
+impl std::io::Write for SizeLimit {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.written += buf.len();
+        if self.written > self.limit {
+            return Err(std::io::Error::other("over the limit"));
+        }
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
     }
 }
 
@@ -445,8 +596,10 @@ mod tests {
         ])
     }
 
+    const LIMITS: Limits = Limits { max_id_bytes: 8, similarity: Similarity::L2Norm, max_metadata_bytes: 64 };
+
     fn parse(v: serde_json::Value) -> (Vec<Part>, Vec<Rejection>) {
-        parse_batch(v.to_string().as_bytes(), &schema(), Limits { max_id_bytes: 8 }).unwrap()
+        parse_batch(v.to_string().as_bytes(), &schema(), LIMITS).unwrap()
     }
 
     #[test]
@@ -496,6 +649,93 @@ mod tests {
         assert!(rejected[2].reason.contains("embedding[1]"), "{}", rejected[2].reason);
     }
 
+    fn codes_with(limits: Limits, items: Vec<serde_json::Value>) -> Vec<(usize, &'static str)> {
+        let body = json!({ "embeddings": items }).to_string();
+        let (parts, rejected) = parse_batch(body.as_bytes(), &schema(), limits).unwrap();
+        let msgpack = rmp_serde::to_vec_named(&json!({ "embeddings": items })).unwrap();
+        let (mparts, mrejected) = parse_batch_msgpack(&msgpack, &schema(), limits).unwrap();
+        assert_eq!(rejected, mrejected, "JSON and MessagePack meet the same checks");
+        assert_eq!(parts.len(), mparts.len());
+        rejected.iter().map(|r| (r.index, r.code)).collect()
+    }
+
+    #[test]
+    fn vectors_the_similarity_cannot_index_are_rejected() {
+        let cosine = Limits { similarity: Similarity::Cosine, ..LIMITS };
+        let item = |v: serde_json::Value| json!({"id": "a", "embedding_type": "I", "embedding": v});
+        let codes = codes_with(
+            cosine,
+            vec![
+                item(json!([0.0, -0.0])),
+                item(json!([1e-50, 0])),     // rounds to 0 in f32
+                item(json!([1e-30, 1e-30])), // squares underflow in f32, as in Elasticsearch
+                item(json!([3e19, 3e19])),   // squares overflow
+                item(json!([1e-10, 0])),
+                item(json!([0.6, 0.8])),
+            ],
+        );
+        assert_eq!(codes, vec![(0, "zero_vector"), (1, "zero_vector"), (2, "zero_vector"), (3, "non_finite")]);
+
+        let dot = Limits { similarity: Similarity::DotProduct, ..LIMITS };
+        let codes = codes_with(
+            dot,
+            vec![item(json!([0.6, 0.8])), item(json!([0.6, 0.81])), item(json!([0, 0])), item(json!([0.600001, 0.8]))],
+        );
+        assert_eq!(codes, vec![(1, "not_unit_length"), (2, "not_unit_length")]);
+        assert!(codes_with(LIMITS, vec![item(json!([0, 0])), item(json!([5, 5]))]).is_empty(), "l2_norm takes any");
+    }
+
+    #[test]
+    fn metadata_elasticsearch_would_refuse_is_rejected() {
+        let item = |m: serde_json::Value| json!({"id": "a", "embedding_type": "I", "embedding": [1, 2], "metadata": m});
+        let deep = |levels: usize| {
+            let mut m = json!(1);
+            for _ in 0..levels {
+                m = json!({ "k": [m] });
+            }
+            m
+        };
+        let items = vec![
+            item(json!({"_id": "x"})),
+            item(json!({"_source": {}})),
+            item(json!({"_anything": 1})),
+            item(json!({"": 1})),
+            item(json!({"a": {" ": 1}})),
+            item(json!({"t.x": 1})),
+            item(json!({"i": 1})),
+            item(json!({"a..b": 1})),
+            item(json!({"a.": 1})),
+            item(json!({"id.x": 1})),
+            item(deep(21)),
+            item(json!({"big": "x".repeat(1000)})),
+            item(json!({"ok.dotted": {"_inner": [1, {"deep": null}]}, "t_x": "", "under_score": 1})),
+            item(deep(20)),
+        ];
+        assert_eq!(
+            codes_with(Limits { max_metadata_bytes: 1000, ..LIMITS }, items),
+            vec![
+                (0, "bad_metadata"),
+                (1, "bad_metadata"),
+                (2, "bad_metadata"),
+                (3, "bad_metadata"),
+                (4, "bad_metadata"),
+                (5, "bad_metadata"),
+                (6, "bad_metadata"),
+                (7, "bad_metadata"),
+                (8, "bad_metadata"),
+                (9, "bad_metadata"),
+                (10, "metadata_too_deep"),
+                (11, "metadata_too_large"),
+            ]
+        );
+        let (_, rejected) = parse(json!({"embeddings": [item(json!({"t.x": 1}))]}));
+        assert!(
+            rejected[0].reason.contains("\"t.x\"") && rejected[0].reason.contains("\"t\""),
+            "{}",
+            rejected[0].reason
+        );
+    }
+
     #[test]
     fn msgpack_bodies_take_vectors_as_little_endian_bytes_or_arrays() {
         #[derive(serde::Serialize)]
@@ -515,7 +755,7 @@ mod tests {
             {"id": "a", "embedding_type": "I", "embedding": [0.5, -1.0]},
         ]}))
         .unwrap();
-        let (parts, rejected) = parse_batch_msgpack(&body, &schema(), Limits { max_id_bytes: 8 }).unwrap();
+        let (parts, rejected) = parse_batch_msgpack(&body, &schema(), LIMITS).unwrap();
         assert!(rejected.is_empty());
         assert_eq!(parts[0].vector, vec![0.5, -1.0]);
 
@@ -528,18 +768,18 @@ mod tests {
             Item { id: "b", embedding_type: "T", embedding: vec![1.0] },
         ];
         let body = rmp_serde::to_vec_named(&Body { embeddings: items }).unwrap();
-        let (parts, rejected) = parse_batch_msgpack(&body, &schema(), Limits { max_id_bytes: 8 }).unwrap();
+        let (parts, rejected) = parse_batch_msgpack(&body, &schema(), LIMITS).unwrap();
         assert_eq!(parts.len(), 1);
         assert_eq!(parts[0].vector, vec![0.1, f32::MIN_POSITIVE, -3.5], "bit-exact");
         assert_eq!((rejected[0].index, rejected[0].code), (1, "wrong_dims"));
         let mut odd = rmp_serde::to_vec_named(&Body { embeddings: vec![] }).unwrap();
         odd.truncate(odd.len() - 1);
-        assert!(parse_batch_msgpack(&odd, &schema(), Limits { max_id_bytes: 8 }).is_err(), "truncated body");
+        assert!(parse_batch_msgpack(&odd, &schema(), LIMITS).is_err(), "truncated body");
     }
 
     #[test]
     fn malformed_json_fails_the_request() {
-        let limits = Limits { max_id_bytes: 8 };
+        let limits = LIMITS;
         assert!(parse_batch(b"{\"embeddings\": [", &schema(), limits).is_err());
         assert!(parse_batch(b"{\"items\": []}", &schema(), limits).is_err());
         assert!(parse_batch(b"[1,2]", &schema(), limits).is_err());

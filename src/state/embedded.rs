@@ -31,10 +31,13 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use redb::{Database, ReadableTable, Table, TableDefinition, WriteTransaction};
+use redb::{Database, ReadableTable, ReadableTableMetadata, Table, TableDefinition, WriteTransaction};
 
 use self::record::Record;
-use super::{Completion, DeadLetter, MergeOutcome, StateError, StoredEntry, StoredItem, Swept};
+use super::{
+    Completion, DeadLetter, LetterCap, LetterCursor, MergeOutcome, StateError, StoredEntry, StoredItem, StoredLetter,
+    Swept,
+};
 use crate::config::{EmbeddedSettings, StateSettings};
 use crate::model::document::{OrphanKind, Partial};
 use crate::model::{Document, Schema};
@@ -50,6 +53,7 @@ const DEAD_LETTERS: TableDefinition<u64, &[u8]> = TableDefinition::new("dead_let
 #[derive(Clone)]
 pub struct EmbeddedStore {
     inner: Arc<Inner>,
+    pub(super) letter_cap: LetterCap,
 }
 
 struct Inner {
@@ -87,7 +91,9 @@ impl EmbeddedStore {
     ) -> Result<EmbeddedStore, StateError> {
         let (path, schema, remember_ms) = (settings.path.clone(), schema.clone(), ms(state.remember_completed));
         let inner = blocking(move || Inner::open(&path, schema, remember_ms)).await?;
-        Ok(EmbeddedStore { inner: Arc::new(inner) })
+        // The cap is set by `StateStore::connect` from durability.dead_letter_max.
+        let letter_cap = LetterCap { max: usize::MAX, dropped: Default::default() };
+        Ok(EmbeddedStore { inner: Arc::new(inner), letter_cap })
     }
 
     /// Merges each partial; one outcome per input, in order. One transaction for the batch.
@@ -167,13 +173,55 @@ impl EmbeddedStore {
         blocking(move || inner.write(|tx| inner.sweep_orphans(tx, older_than, limit, deliver_lease))).await
     }
 
-    /// Appends dead letters under increasing sequence numbers.
-    pub async fn dead_letter(&self, letters: &[DeadLetter]) -> Result<(), StateError> {
+    /// Appends dead letters under increasing sequence numbers, then drops the oldest past
+    /// the cap, in one transaction; returns how many were dropped.
+    pub async fn dead_letter(&self, letters: &[DeadLetter]) -> Result<u64, StateError> {
         if letters.is_empty() {
-            return Ok(());
+            return Ok(0);
         }
         let (inner, json): (_, Vec<Vec<u8>>) = (self.inner.clone(), letters.iter().map(DeadLetter::to_json).collect());
-        blocking(move || inner.write(|tx| Inner::dead_letter(tx, &json))).await
+        let max = self.letter_cap.max as u64;
+        blocking(move || inner.write(|tx| Inner::dead_letter(tx, &json, max))).await
+    }
+
+    pub async fn read_dead_letters(
+        &self,
+        cursor: &mut LetterCursor,
+        limit: usize,
+    ) -> Result<Vec<StoredLetter>, StateError> {
+        let (inner, from) = (self.inner.clone(), cursor.next);
+        let page = blocking(move || {
+            let table = inner.db.begin_read()?.open_table(DEAD_LETTERS)?;
+            let mut out = Vec::new();
+            for entry in table.range(from..)?.take(limit) {
+                let (key, json) = entry?;
+                out.push(StoredLetter { json: json.value().to_vec(), key: key.value() });
+            }
+            Ok(out)
+        })
+        .await?;
+        if let Some(last) = page.last() {
+            cursor.next = last.key + 1;
+        }
+        Ok(page)
+    }
+
+    pub async fn remove_dead_letters(
+        &self,
+        _cursor: &mut LetterCursor,
+        letters: &[&StoredLetter],
+    ) -> Result<(), StateError> {
+        let (inner, keys): (_, Vec<u64>) = (self.inner.clone(), letters.iter().map(|l| l.key).collect());
+        blocking(move || {
+            inner.write(|tx| {
+                let mut table = tx.open_table(DEAD_LETTERS)?;
+                for key in keys {
+                    table.remove(key)?;
+                }
+                Ok(())
+            })
+        })
+        .await
     }
 
     /// Every dead letter, oldest first (tests, inspection).
@@ -498,13 +546,17 @@ impl Inner {
         Ok(swept)
     }
 
-    fn dead_letter(tx: &WriteTransaction, letters: &[Vec<u8>]) -> Result<(), StateError> {
+    fn dead_letter(tx: &WriteTransaction, letters: &[Vec<u8>], max: u64) -> Result<u64, StateError> {
         let mut table = tx.open_table(DEAD_LETTERS)?;
         let next = table.last()?.map_or(0, |(key, _)| key.value() + 1);
         for (seq, json) in (next..).zip(letters) {
             table.insert(seq, json.as_slice())?;
         }
-        Ok(())
+        let over = table.len()?.saturating_sub(max);
+        for _ in 0..over {
+            table.pop_first()?;
+        }
+        Ok(over)
     }
 
     /// An entry record read back as per-slot parts.

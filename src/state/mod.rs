@@ -18,6 +18,12 @@
 //! - [`StateStore::sweep_orphans`] takes parts that waited longer than the partial TTL,
 //!   and moves them to the outbox when they are to be delivered.
 //!
+//! - Dead letters are kept oldest first, at most `durability.dead_letter_max`: appending
+//!   to a full store drops the oldest, and [`StateStore::dead_letter`] counts and logs each
+//!   drop at ERROR (never silent). They are read back page by page with a
+//!   [`LetterCursor`] and removed one by one ([`StateStore::remove_dead_letters`]) once
+//!   replayed.
+//!
 //! Backends: [`redis`] (shared by instances) and [`embedded`] (on disk in the process, no
 //! server).
 
@@ -27,6 +33,8 @@ pub mod redis;
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
+use prometheus_client::metrics::counter::Counter;
+use serde::Deserialize;
 
 use crate::config::{Settings, StateBackend};
 use crate::model::document::{Origin, OrphanKind, Partial};
@@ -171,13 +179,29 @@ pub struct DeadLetter {
     pub error_type: String,
     pub reason: String,
     pub attempts: u32,
-    /// The document's source, as it was sent.
+    /// The document's source, as it was sent (`null` when it could not be read back).
     pub document: Bytes,
     pub at: SystemTime,
+    /// The document's external version, so that a replay cannot overwrite a newer write
+    /// (`None` in letters written before versions were kept).
+    pub version: Option<u64>,
+}
+
+/// The fields of a letter's JSON before `document`.
+#[derive(Deserialize)]
+struct LetterHead {
+    id: String,
+    status: Option<u16>,
+    error_type: String,
+    reason: String,
+    attempts: u32,
+    at: String,
+    #[serde(default)]
+    version: Option<u64>,
 }
 
 impl DeadLetter {
-    /// One JSON object, with the document embedded as it was sent.
+    /// One JSON object, with the document embedded as it was sent, last.
     pub fn to_json(&self) -> Vec<u8> {
         let head = serde_json::json!({
             "id": self.id,
@@ -186,14 +210,66 @@ impl DeadLetter {
             "reason": self.reason,
             "attempts": self.attempts,
             "at": crate::model::document::rfc3339(self.at),
+            "version": self.version,
         });
         let mut out = serde_json::to_vec(&head).expect("a JSON value serialises");
         out.pop(); // the closing brace
-        out.extend_from_slice(b",\"document\":");
+        out.extend_from_slice(DOCUMENT_KEY);
         out.extend_from_slice(&self.document);
         out.push(b'}');
         out
     }
+
+    /// Reads back what [`DeadLetter::to_json`] wrote, keeping the document's bytes as they
+    /// were sent (re-encoding its floats could change them).
+    pub fn from_json(json: &[u8]) -> Result<DeadLetter, String> {
+        // The head's strings cannot hold `,"` unescaped, and its keys are fixed: the first
+        // `,"document":` is where the document starts.
+        let at = json
+            .windows(DOCUMENT_KEY.len())
+            .position(|w| w == DOCUMENT_KEY)
+            .ok_or("no `document` in the dead letter")?;
+        let document = json[at + DOCUMENT_KEY.len()..].strip_suffix(b"}").ok_or("the dead letter is not an object")?;
+        let mut head = json[..at].to_vec();
+        head.push(b'}');
+        let head: LetterHead = serde_json::from_slice(&head).map_err(|e| format!("unreadable dead letter: {e}"))?;
+        let when = humantime::parse_rfc3339(&head.at).map_err(|e| format!("unreadable `at` {:?}: {e}", head.at))?;
+        Ok(DeadLetter {
+            id: head.id,
+            status: head.status,
+            error_type: head.error_type,
+            reason: head.reason,
+            attempts: head.attempts,
+            document: Bytes::copy_from_slice(document),
+            at: when,
+            version: head.version,
+        })
+    }
+}
+
+const DOCUMENT_KEY: &[u8] = b",\"document\":";
+
+/// A dead letter as stored, with where it sits so that it can be removed.
+#[derive(Debug, Clone)]
+pub struct StoredLetter {
+    /// [`DeadLetter::to_json`] as stored.
+    pub json: Vec<u8>,
+    /// The embedded store's sequence number; unused by Redis (a list has no keys).
+    key: u64,
+}
+
+/// Where a walk through the dead letters is, oldest first.
+#[derive(Debug, Default)]
+pub struct LetterCursor {
+    /// Redis: the list index of the next letter; embedded: the next sequence number.
+    next: u64,
+}
+
+/// How many dead letters a backend keeps, and the count of those it dropped.
+#[derive(Debug, Clone)]
+pub(crate) struct LetterCap {
+    pub max: usize,
+    pub dropped: Counter,
 }
 
 /// The configured state backend.
@@ -217,11 +293,15 @@ impl StateStore {
     pub async fn connect(settings: &Settings, schema: &Schema) -> Result<StateStore, StateError> {
         match settings.state.backend {
             StateBackend::Redis => {
-                Ok(StateStore::Redis(redis::RedisStore::connect(&settings.redis, &settings.state, schema).await?))
+                let mut store = redis::RedisStore::connect(&settings.redis, &settings.state, schema).await?;
+                store.letter_cap.max = settings.durability.dead_letter_max;
+                Ok(StateStore::Redis(store))
             }
-            StateBackend::Embedded => Ok(StateStore::Embedded(
-                embedded::EmbeddedStore::open(&settings.embedded, &settings.state, schema).await?,
-            )),
+            StateBackend::Embedded => {
+                let mut store = embedded::EmbeddedStore::open(&settings.embedded, &settings.state, schema).await?;
+                store.letter_cap.max = settings.durability.dead_letter_max;
+                Ok(StateStore::Embedded(store))
+            }
         }
     }
 
@@ -274,9 +354,56 @@ impl StateStore {
         each!(self.check_epoch())
     }
 
-    /// Appends documents the sink refused for good.
+    /// Appends documents the sink refused for good; when that takes the store past
+    /// `durability.dead_letter_max`, the oldest letters are dropped, counted and logged.
     pub async fn dead_letter(&self, letters: &[DeadLetter]) -> Result<(), StateError> {
-        each!(self.dead_letter(letters))
+        let dropped = each!(self.dead_letter(letters))?;
+        if dropped > 0 {
+            let cap = self.letter_cap();
+            cap.dropped.inc_by(dropped);
+            tracing::error!(
+                dropped,
+                dead_letter_max = cap.max,
+                "The dead-letter store is full: its oldest letters were dropped and are lost. \
+                 Replay or remove letters (`embedjoin dead-letters`), or raise durability.dead_letter_max."
+            );
+        }
+        Ok(())
+    }
+
+    /// Counts dropped dead letters in `counter` (the service's metric) from now on; call it
+    /// before cloning the store.
+    pub fn count_dropped_letters_in(&mut self, counter: Counter) {
+        match self {
+            StateStore::Redis(s) => s.letter_cap.dropped = counter,
+            StateStore::Embedded(s) => s.letter_cap.dropped = counter,
+        }
+    }
+
+    fn letter_cap(&self) -> &LetterCap {
+        match self {
+            StateStore::Redis(s) => &s.letter_cap,
+            StateStore::Embedded(s) => &s.letter_cap,
+        }
+    }
+
+    /// The next `limit` dead letters after `cursor`, oldest first (none at the end).
+    pub async fn read_dead_letters(
+        &self,
+        cursor: &mut LetterCursor,
+        limit: usize,
+    ) -> Result<Vec<StoredLetter>, StateError> {
+        each!(self.read_dead_letters(cursor, limit))
+    }
+
+    /// Removes letters read with `cursor` (those already gone are skipped); the cursor
+    /// stays on the next unread letter.
+    pub async fn remove_dead_letters(
+        &self,
+        cursor: &mut LetterCursor,
+        letters: &[&StoredLetter],
+    ) -> Result<(), StateError> {
+        each!(self.remove_dead_letters(cursor, letters))
     }
 
     /// What the store holds of `id`: its stored parts, whether it waits in the outbox, and

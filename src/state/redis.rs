@@ -24,7 +24,10 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{ErrorKind, Script, ServerErrorKind, Value};
 
-use super::{Completion, DeadLetter, MergeOutcome, StateError, StoredEntry, StoredItem, Swept};
+use super::{
+    Completion, DeadLetter, LetterCap, LetterCursor, MergeOutcome, StateError, StoredEntry, StoredItem, StoredLetter,
+    Swept,
+};
 use crate::config::{RedisSettings, StateSettings};
 use crate::model::document::{OrphanKind, Partial};
 use crate::model::{Document, Schema};
@@ -71,6 +74,7 @@ pub struct RedisStore {
     /// The epoch marker's value this store wrote; `None` until written.
     epoch: Arc<std::sync::Mutex<Option<String>>>,
     dead_letter_key: String,
+    pub(super) letter_cap: LetterCap,
 }
 
 fn now_ms() -> u64 {
@@ -112,6 +116,8 @@ impl RedisStore {
             instance: rand::random(),
             epoch: Arc::new(std::sync::Mutex::new(None)),
             dead_letter_key: format!("{}{}", settings.key_prefix, settings.dead_letter_key),
+            // Set by `StateStore::connect` from durability.dead_letter_max.
+            letter_cap: LetterCap { max: usize::MAX, dropped: Default::default() },
         };
         store.load_scripts().await?;
         store.check_epoch().await?;
@@ -482,17 +488,55 @@ impl RedisStore {
         Ok(StoredItem { partial, in_outbox, completed })
     }
 
-    pub async fn dead_letter(&self, letters: &[DeadLetter]) -> Result<(), StateError> {
+    /// Appends letters and trims the list to the cap in one transaction; returns how many
+    /// of the oldest were dropped.
+    pub async fn dead_letter(&self, letters: &[DeadLetter]) -> Result<u64, StateError> {
+        if letters.is_empty() {
+            return Ok(0);
+        }
+        let max = self.letter_cap.max.min(i64::MAX as usize) as i64;
+        let mut pipe = redis::pipe();
+        pipe.atomic().cmd("RPUSH").arg(&self.dead_letter_key);
+        for letter in letters {
+            pipe.arg(letter.to_json());
+        }
+        pipe.cmd("LTRIM").arg(&self.dead_letter_key).arg(-max).arg(-1).ignore();
+        let mut conn = self.conn.clone();
+        let (length,): (i64,) = pipe.query_async(&mut conn).await?;
+        Ok(length.saturating_sub(max).max(0) as u64)
+    }
+
+    pub async fn read_dead_letters(
+        &self,
+        cursor: &mut LetterCursor,
+        limit: usize,
+    ) -> Result<Vec<StoredLetter>, StateError> {
+        let (start, stop) = (cursor.next, cursor.next + limit.max(1) as u64 - 1);
+        let mut conn = self.conn.clone();
+        let page: Vec<Vec<u8>> =
+            redis::cmd("LRANGE").arg(&self.dead_letter_key).arg(start).arg(stop).query_async(&mut conn).await?;
+        cursor.next += page.len() as u64;
+        Ok(page.into_iter().map(|json| StoredLetter { json, key: 0 }).collect())
+    }
+
+    /// `LREM` of each letter's exact JSON: a list has no keys, and letters appended or
+    /// trimmed meanwhile are not touched.
+    pub async fn remove_dead_letters(
+        &self,
+        cursor: &mut LetterCursor,
+        letters: &[&StoredLetter],
+    ) -> Result<(), StateError> {
         if letters.is_empty() {
             return Ok(());
         }
-        let mut cmd = redis::cmd("RPUSH");
-        cmd.arg(&self.dead_letter_key);
+        let mut pipe = redis::pipe();
         for letter in letters {
-            cmd.arg(letter.to_json());
+            pipe.cmd("LREM").arg(&self.dead_letter_key).arg(1).arg(&letter.json);
         }
         let mut conn = self.conn.clone();
-        cmd.query_async::<()>(&mut conn).await?;
+        let removed: Vec<u64> = pipe.query_async(&mut conn).await?;
+        // They were read before the cursor: the letters after it moved up by as many.
+        cursor.next = cursor.next.saturating_sub(removed.iter().sum());
         Ok(())
     }
 }

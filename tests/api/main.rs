@@ -3,6 +3,7 @@
 
 mod bad_input;
 mod cli;
+mod dead_letters;
 mod defaults;
 mod durability;
 mod end_to_end;

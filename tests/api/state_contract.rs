@@ -393,6 +393,7 @@ async fn dead_letters_are_appended(kind: StateBackend) {
         attempts: 1,
         document: Bytes::from(format!("{{\"id\":\"{id}\"}}")),
         at: SystemTime::now(),
+        version: None,
     };
     store.dead_letter(&[letter("a")]).await.unwrap();
     store.dead_letter(&[letter("b"), letter("c")]).await.unwrap();
@@ -453,6 +454,7 @@ async fn embedded_data_survives_reopening() {
             attempts: 0,
             document: Bytes::from_static(b"{}"),
             at: SystemTime::now(),
+            version: None,
         }])
         .await
         .unwrap();
