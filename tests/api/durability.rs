@@ -146,6 +146,7 @@ async fn a_failing_document_is_dead_lettered_with_its_reason_and_the_rest_indexe
     assert_eq!(letters.len(), 1);
     let letter = &letters[0];
     assert_eq!(letter["id"], "bad-doc");
+    assert!(letter["version"].as_u64().is_some_and(|v| v > 0), "a replay keeps the document's version: {letter}");
     assert_eq!(letter["status"], 400);
     assert!(!letter["reason"].as_str().unwrap().is_empty());
     assert_eq!(letter["document"]["text_embedding"].as_array().unwrap().len(), 384, "the document is kept");

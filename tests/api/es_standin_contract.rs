@@ -472,9 +472,7 @@ async fn es_standin_same_id_again_is_updated_with_growing_version() {
 #[tokio::test]
 async fn es_standin_external_versions_refuse_an_older_write_with_409() {
     let es = Es::with_index().await;
-    let versioned = |id: &str, version: u64, kind: &str| {
-        json!({"index": {"_index": INDEX, "_id": id, "version": version, "version_type": kind}})
-    };
+    let versioned = |id: &str, version: u64, kind: &str| json!({"index": {"_index": INDEX, "_id": id, "version": version, "version_type": kind}});
     let body = ndjson(&[
         versioned("g", 1795989837613488, "external_gte"),
         source("first", json!(vector(0.1, DIMS))),
