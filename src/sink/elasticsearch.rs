@@ -197,13 +197,8 @@ impl EsSink {
             .request_timeout(self.timeout)
             .body(vec![body])
             .send()
-            .await
-            .map_err(|e| SinkError::Transport(with_causes(&e)))?;
-        let status = response.status_code();
-        let bytes = response.bytes().await.map_err(|e| SinkError::Transport(with_causes(&e)))?;
-        if !status.is_success() {
-            return Err(request_error(status, &bytes));
-        }
+            .await;
+        let bytes = answer(response).await?;
         let parsed: BulkResponse = serde_json::from_slice(&bytes)
             .map_err(|e| SinkError::Protocol(format!("unreadable bulk response: {e}")))?;
         if parsed.items.len() != count {
@@ -274,13 +269,8 @@ impl EsSink {
             .indices()
             .get_mapping(elasticsearch::indices::IndicesGetMappingParts::Index(&[&self.index]))
             .send()
-            .await
-            .map_err(|e| SinkError::Transport(with_causes(&e)))?;
-        let status = response.status_code();
-        let body = response.bytes().await.map_err(|e| SinkError::Transport(with_causes(&e)))?;
-        if !status.is_success() {
-            return Err(request_error(status, &body));
-        }
+            .await;
+        let body = answer(response).await?;
         let value: serde_json::Value = serde_json::from_slice(&body)
             .map_err(|e| SinkError::Protocol(format!("unreadable mapping of {}: {e}", self.index)))?;
         // The answer is keyed by the concrete index (an alias resolves to it).
@@ -349,6 +339,19 @@ struct ItemError {
     #[serde(rename = "type")]
     kind: String,
     reason: Option<String>,
+}
+
+/// The body of a successful answer; a failed one as the error it describes.
+async fn answer(
+    sent: Result<elasticsearch::http::response::Response, elasticsearch::Error>,
+) -> Result<Bytes, SinkError> {
+    let response = sent.map_err(|e| SinkError::Transport(with_causes(&e)))?;
+    let status = response.status_code();
+    let bytes = response.bytes().await.map_err(|e| SinkError::Transport(with_causes(&e)))?;
+    if !status.is_success() {
+        return Err(request_error(status, &bytes));
+    }
+    Ok(bytes)
 }
 
 /// An error with its chain of causes ("error sending request ...: connection refused"):
