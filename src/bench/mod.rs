@@ -18,6 +18,7 @@
 //! - A run whose indexed plus dead-lettered documents fall short of the items sent is
 //!   reported loudly, and the command then exits non-zero.
 
+pub mod cpu;
 pub mod http;
 pub mod load;
 pub mod report;
@@ -37,6 +38,8 @@ use crate::config::{PartSettings, Settings, SinkBackend, StateBackend};
 use crate::Pipeline;
 use load::{LoadSpec, Order};
 use report::{Latency, RunShape, Summary};
+
+use cpu::CpuCost;
 use scrape::Scrape;
 
 /// Request body formats for `--http`.
@@ -389,6 +392,7 @@ async fn in_process(settings: &Settings, args: &BenchArgs, label: Option<String>
         batches.iter().flatten().map(|p| (p.vector.capacity() * 4 + p.id.capacity() + size_of_val(p)) as u64).sum();
     reset_peak_rss();
     let pipeline = Pipeline::start(settings).await?;
+    let (cpu_before, redis_before) = (cpu::process_seconds(), cpu::redis_reading(settings).await);
     let metrics = pipeline.metrics.clone();
     let progress = Progress::new(args, parts_sent, label);
     let watcher = {
@@ -430,6 +434,7 @@ async fn in_process(settings: &Settings, args: &BenchArgs, label: Option<String>
     let submitted = started.elapsed();
     pipeline.shutdown().await;
     let wall = started.elapsed();
+    let (cpu_after, redis_after) = (cpu::process_seconds(), cpu::redis_reading(settings).await);
     watcher.abort();
     progress.finish();
     if let Err(e) = clean_up(settings).await {
@@ -439,7 +444,8 @@ async fn in_process(settings: &Settings, args: &BenchArgs, label: Option<String>
     let totals = Scrape::parse(&metrics.render());
     let latency = Latency::from_hdr(&metrics.part_to_indexed_us.lock().unwrap_or_else(|e| e.into_inner()));
     let counts = totals.counts(parts_sent, totals.parts_received as u64, vector_bytes, None);
-    Ok(Summary::new(
+    let embeddings = counts.parts_accepted;
+    let mut summary = Summary::new(
         shape("in-process", settings, args),
         counts,
         wall.as_secs_f64(),
@@ -447,7 +453,9 @@ async fn in_process(settings: &Settings, args: &BenchArgs, label: Option<String>
         latency,
         peak_rss(),
         Some(load_bytes),
-    ))
+    );
+    summary.cpu = Some(CpuCost::between((cpu_before, cpu_after), (redis_before, redis_after), embeddings));
+    Ok(summary)
 }
 
 async fn over_http(url: &str, settings: &Settings, args: &BenchArgs, label: Option<String>) -> anyhow::Result<Summary> {

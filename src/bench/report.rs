@@ -120,6 +120,8 @@ pub struct Summary {
     pub peak_rss_bytes: Option<u64>,
     /// Memory of the pre-generated load, which the peak includes (it becomes the parts).
     pub load_bytes: Option<u64>,
+    /// CPU per embedding of this process and of Redis (in-process only).
+    pub cpu: Option<super::cpu::CpuCost>,
 }
 
 /// Raw counts a run collects; [`Summary::new`] derives the rates.
@@ -196,6 +198,7 @@ impl Summary {
             latency,
             peak_rss_bytes,
             load_bytes,
+            cpu: None,
         }
     }
 
@@ -287,6 +290,13 @@ impl Summary {
                 None => "no document acknowledged".into(),
             },
         );
+        if let Some(cpu) = &self.cpu {
+            let redis = match (cpu.redis_us_per_embedding, cpu.redis_commands_per_embedding) {
+                (Some(us), Some(commands)) => format!("; Redis {us:.1} µs ({commands:.2} commands)"),
+                _ => String::new(),
+            };
+            row("CPU/embedding", format!("this process {:.1} µs{redis}", cpu.service_us_per_embedding));
+        }
         row(
             "peak RSS",
             match (self.peak_rss_bytes, self.load_bytes) {

@@ -1,0 +1,103 @@
+//! CPU cost of a run, per embedding: this process's (getrusage: user + system time) and
+//! Redis's (`INFO cpu`, `used_cpu_user` + `used_cpu_sys`, and `INFO commandstats` for the
+//! commands it ran), read before and after. On a shared machine CPU time per embedding is
+//! steadier than wall time, and it is what scales.
+
+use serde::Serialize;
+
+use crate::config::{Settings, StateBackend};
+
+/// CPU seconds used by this process so far (user + system).
+pub fn process_seconds() -> f64 {
+    // SAFETY: getrusage writes into the struct it is given and reads nothing else.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) } != 0 {
+        return 0.0;
+    }
+    let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    secs(usage.ru_utime) + secs(usage.ru_stime)
+}
+
+/// What Redis reported at one moment.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RedisReading {
+    pub cpu_seconds: f64,
+    pub commands: u64,
+}
+
+/// Reads Redis's CPU and command totals, when the run uses Redis.
+pub async fn redis_reading(settings: &Settings) -> Option<RedisReading> {
+    if settings.state.backend != StateBackend::Redis {
+        return None;
+    }
+    let client = redis::Client::open(settings.redis.url.as_str()).ok()?;
+    let mut conn = client.get_multiplexed_async_connection().await.ok()?;
+    let cpu: String = redis::cmd("INFO").arg("cpu").query_async(&mut conn).await.ok()?;
+    let stats: String = redis::cmd("INFO").arg("commandstats").query_async(&mut conn).await.ok()?;
+    Some(parse(&cpu, &stats))
+}
+
+fn parse(cpu: &str, stats: &str) -> RedisReading {
+    let field = |name: &str| {
+        cpu.lines().find_map(|l| l.strip_prefix(name)).and_then(|v| v.trim().parse::<f64>().ok()).unwrap_or(0.0)
+    };
+    // cmdstat_hset:calls=12,usec=34,...
+    let commands = stats
+        .lines()
+        .filter(|l| l.starts_with("cmdstat_"))
+        .filter_map(|l| l.split_once("calls=")?.1.split(',').next()?.parse::<u64>().ok())
+        .sum();
+    RedisReading { cpu_seconds: field("used_cpu_user:") + field("used_cpu_sys:"), commands }
+}
+
+/// CPU per embedding over a run.
+#[derive(Debug, Clone, Serialize)]
+pub struct CpuCost {
+    /// This process (in-process mode: the whole pipeline, and the senders).
+    pub service_us_per_embedding: f64,
+    /// Redis, when the run used it.
+    pub redis_us_per_embedding: Option<f64>,
+    /// Commands Redis ran per embedding (scripts' inner commands included).
+    pub redis_commands_per_embedding: Option<f64>,
+}
+
+impl CpuCost {
+    pub fn between(
+        service: (f64, f64),
+        redis: (Option<RedisReading>, Option<RedisReading>),
+        embeddings: u64,
+    ) -> CpuCost {
+        let n = embeddings.max(1) as f64;
+        let (redis_us, commands) = match redis {
+            (Some(a), Some(b)) => (
+                Some((b.cpu_seconds - a.cpu_seconds).max(0.0) * 1e6 / n),
+                Some(b.commands.saturating_sub(a.commands) as f64 / n),
+            ),
+            _ => (None, None),
+        };
+        CpuCost {
+            service_us_per_embedding: (service.1 - service.0).max(0.0) * 1e6 / n,
+            redis_us_per_embedding: redis_us,
+            redis_commands_per_embedding: commands,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redis_readings_and_per_embedding_costs() {
+        let cpu = "# CPU\r\nused_cpu_sys:1.500000\r\nused_cpu_user:2.250000\r\nused_cpu_sys_children:9\r\n";
+        let stats = "# Commandstats\r\ncmdstat_evalsha:calls=10,usec=500,usec_per_call=50.00\r\ncmdstat_hset:calls=30,usec=60\r\n";
+        let before = parse(cpu, stats);
+        assert_eq!((before.cpu_seconds, before.commands), (3.75, 40));
+        let after = RedisReading { cpu_seconds: 4.75, commands: 240 };
+        let cost = CpuCost::between((1.0, 1.5), (Some(before), Some(after)), 100_000);
+        assert!((cost.service_us_per_embedding - 5.0).abs() < 1e-9);
+        assert!((cost.redis_us_per_embedding.unwrap() - 10.0).abs() < 1e-9);
+        assert!((cost.redis_commands_per_embedding.unwrap() - 0.002).abs() < 1e-12);
+        assert!(process_seconds() > 0.0, "this process has used some CPU");
+    }
+}
