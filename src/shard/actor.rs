@@ -30,6 +30,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::MissedTickBehavior;
 use tokio_util::sync::CancellationToken;
 
+use super::recorder::Recorder;
 use crate::config::Settings;
 use crate::delivery::{WriterClosed, WriterHandle};
 use crate::metrics::{CompletedIn, CompletedLabels, Metrics, ShardLabels};
@@ -102,6 +103,8 @@ pub struct ShardActor {
     partials: HashMap<String, Partial>,
     /// Completions decided in memory since the last flush, for the store to remember.
     completed: Vec<Completion>,
+    /// Records them in the store, off this actor's path.
+    recorder: Recorder,
     /// The lease a document completed in the store is delivered under (the writer renews it).
     lease: Duration,
     /// Vector bytes held in `partials`.
@@ -134,6 +137,7 @@ impl ShardActor {
     ) -> (ShardHandle, tokio::task::JoinHandle<()>) {
         let (lease, settings) = (settings.durability.outbox_resend_after, &settings.shards);
         let (tx, rx) = mpsc::channel(settings.mailbox_capacity);
+        let recorder = Recorder::spawn(index, store.clone(), stops.give_up.clone());
         let actor = ShardActor {
             index,
             rx,
@@ -142,6 +146,7 @@ impl ShardActor {
             writer,
             partials: HashMap::new(),
             completed: Vec::new(),
+            recorder,
             lease,
             bytes: 0,
             reported: (0, 0),
@@ -175,14 +180,14 @@ impl ShardActor {
             self.handle(msg).await;
         }
         let mut attempts = 0;
-        while !(self.partials.is_empty() && self.completed.is_empty()) && attempts < 20 {
+        while !self.partials.is_empty() && attempts < 20 {
             self.retry_at = None;
             let give_up = self.stops.give_up.clone();
             tokio::select! {
                 _ = self.flush() => {}
                 _ = give_up.cancelled() => break,
             }
-            if !(self.partials.is_empty() && self.completed.is_empty()) {
+            if !self.partials.is_empty() {
                 attempts += 1;
                 tokio::select! {
                     _ = tokio::time::sleep(Duration::from_millis(100)) => {}
@@ -197,12 +202,14 @@ impl ShardActor {
                 "Shard stopped with partials the state store did not take; they are lost."
             );
         }
-        if !self.completed.is_empty() {
-            tracing::warn!(
-                shard = self.index,
-                documents = self.completed.len(),
-                "Shard stopped before the state store recorded some completions; older copies of their parts stored earlier may complete again later (the index keeps the newest version)."
-            );
+        // Every completion is recorded before the shard ends (unless the deadline passes).
+        let (recorder, completed, give_up) = (self.recorder, self.completed, self.stops.give_up);
+        tokio::select! {
+            _ = async {
+                recorder.record(completed).await;
+                recorder.finish().await;
+            } => {}
+            _ = give_up.cancelled() => {}
         }
     }
 
@@ -215,6 +222,7 @@ impl ShardActor {
             ShardMsg::Parts(parts) => self.apply(parts).await,
             ShardMsg::Flush(done) => {
                 self.flush().await;
+                self.recorder.barrier().await;
                 let _ = done.send(());
             }
             ShardMsg::Inspect(id, answer) => {
@@ -272,9 +280,7 @@ impl ShardActor {
         {
             return;
         }
-        if !self.record_completions().await {
-            return;
-        }
+        self.record();
         if self.partials.is_empty() {
             self.failures = 0;
             self.retry_at = None;
@@ -283,22 +289,15 @@ impl ShardActor {
         self.merge_dirty().await;
     }
 
-    /// Records the completions decided in memory since the last flush; `false` if the
-    /// store failed (they are kept for the next flush).
-    async fn record_completions(&mut self) -> bool {
+    /// Hands the completions decided in memory since the last flush to the recorder.
+    fn record(&mut self) {
         if self.completed.is_empty() {
-            return true;
+            return;
         }
-        match self.store.remember(&self.completed).await {
-            Ok(()) => {
-                self.completed.clear();
-                true
-            }
-            Err(error) => {
-                self.failed_flush();
-                tracing::warn!(shard = self.index, documents = self.completed.len(), %error, "Cannot record completions in the state store; retrying at the next flush.");
-                false
-            }
+        let batch = std::mem::take(&mut self.completed);
+        // Bounded queue: when it is full, the batch waits here for the next flush.
+        if let Err(full) = self.recorder.try_record(batch) {
+            self.completed = full;
         }
     }
 
