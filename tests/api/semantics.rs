@@ -223,3 +223,27 @@ async fn a_slow_delivery_is_not_resent_by_other_instances_while_it_is_alive() {
     let writes = es.docs(&ids).await.values().map(|d| d.seq_no + 1).max().unwrap();
     assert_eq!(writes, ids.len() as u64, "each document written once");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_part_that_finds_no_partner_is_never_indexed_over_its_complete_document() {
+    let (redis, es) = (RedisServer::start().await, EsTarget::start().await);
+    let mut s = settings(&redis, &es);
+    s.durability.orphans = OrphanAction::Index;
+    s.durability.maintenance_interval = Duration::from_millis(100);
+    s.redis.partial_ttl = Duration::from_millis(300);
+    let pipeline = Pipeline::start(&s).await.unwrap();
+    pipeline.router.submit(vec![part("late", TEXT, 0, None), part("late", IMAGE, 0, None)]).await.unwrap();
+    wait_for_doc(&es, "late", |_| true).await;
+    pipeline.router.flush().await.unwrap(); // the completion is recorded
+                                            // A newer TEXT after the completion; no IMAGE follows.
+    pipeline.router.submit(vec![part("late", TEXT, 1, None)]).await.unwrap();
+    pipeline.router.flush().await.unwrap();
+    let letters = redis.wait_for_dead_letters().await;
+    pipeline.shutdown().await;
+    assert_eq!(letters.len(), 1);
+    assert_eq!((letters[0]["id"].as_str(), letters[0]["error_type"].as_str()), (Some("late"), Some("incomplete")));
+    assert!(letters[0]["reason"].as_str().unwrap().contains("came after the item was completed"), "{}", letters[0]);
+    let doc = es.doc("late").await.unwrap();
+    assert_eq!(doc.source.get("incomplete"), None, "the complete document stays");
+    assert!(has_copy(&doc, "late", TEXT, 0) && has_copy(&doc, "late", IMAGE, 0));
+}
