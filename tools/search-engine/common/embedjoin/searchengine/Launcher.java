@@ -8,6 +8,7 @@ import java.nio.file.Files;
 import java.nio.file.Path;
 import java.time.Duration;
 import java.util.Comparator;
+import java.util.Map;
 import java.util.concurrent.CountDownLatch;
 import java.util.stream.Stream;
 
@@ -33,6 +34,25 @@ public final class Launcher {
     }
 
     private Launcher() {}
+
+    /**
+     * The node settings both engines take: one node on loopback, its own home, no
+     * transport port of note, and no disk thresholds (a developer's disk may be nearly
+     * full; a test index must still take writes).
+     */
+    public static Map<String, String> nodeSettings(Path home, int port) {
+        return Map.of(
+            "path.home", home.toString(),
+            "path.data", home.resolve("data").toString(),
+            "path.logs", home.resolve("logs").toString(),
+            "cluster.name", "embedjoin-search-engine",
+            "node.name", "search-engine",
+            "discovery.type", "single-node",
+            "network.host", "127.0.0.1",
+            "http.port", Integer.toString(port),
+            "transport.port", "0",
+            "cluster.routing.allocation.disk.threshold_enabled", "false");
+    }
 
     public static void main(String[] args, Node node) {
         try {

@@ -28,19 +28,7 @@ public final class SearchEngine implements Launcher.Node {
 
     @Override
     public int start(Path home, int port) throws Exception {
-        Settings settings = Settings.builder()
-            .put("path.home", home.toString())
-            .put("path.data", home.resolve("data").toString())
-            .put("path.logs", home.resolve("logs").toString())
-            .put("cluster.name", "embedjoin-search-engine")
-            .put("node.name", "search-engine")
-            .put("discovery.type", "single-node")
-            .put("network.host", "127.0.0.1")
-            .put("http.port", Integer.toString(port))
-            .put("transport.port", "0")
-            // A developer's disk may be nearly full; a test index must still take writes.
-            .put("cluster.routing.allocation.disk.threshold_enabled", false)
-            .build();
+        Settings settings = Settings.builder().loadFromMap(Launcher.nodeSettings(home, port)).build();
         LogConfigurator.configureESLogging();
         LogConfigurator.configureWithoutConfig(settings);
         Environment environment = InternalSettingsPreparer.prepareEnvironment(settings, Map.of(), null, () -> "search-engine");
