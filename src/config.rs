@@ -159,6 +159,20 @@ pub struct StateSettings {
     /// that an older copy or a re-applied merge arriving later changes nothing.
     #[serde(with = "humantime_serde")]
     pub remember_completed: Duration,
+    /// What a newer copy of a part does when its item was completed (and is remembered).
+    pub late_parts: LatePartsAction,
+}
+
+/// What a newer copy of a part does once its item was completed.
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum LatePartsAction {
+    /// It updates the indexed document: that part (and its metadata) only, never replacing
+    /// a newer part, with a guarded partial `update` (a painless script).
+    Update,
+    /// It starts a new item, which completes (and replaces the document) only when every
+    /// part comes again. Needs no scripting in the search engine.
+    NewItem,
 }
 
 /// `Debug` shows what `Serialize` shows (the URL without its password).

@@ -27,8 +27,9 @@ use std::process::ExitCode;
 use bytes::{BufMut, BytesMut};
 use clap::{Args, Subcommand};
 
-use crate::config::Settings;
+use crate::config::{LatePartsAction, Settings};
 use crate::model::Schema;
+use crate::sink::encode::{reencode, Action};
 use crate::sink::{ItemStatus, SinkClient};
 use crate::state::{DeadLetter, LetterCursor, StateStore, StoredLetter};
 
@@ -156,7 +157,8 @@ async fn replay(settings: &Settings, reason: Option<&str>) -> anyhow::Result<()>
             }
         }
         let mut taken: Vec<&StoredLetter> = Vec::new();
-        let sent = send(&sink, &batch, max_docs, max_bytes, &mut summary, &mut taken).await;
+        let guarded = settings.state.late_parts == LatePartsAction::Update;
+        let sent = send(&sink, &batch, (&schema, guarded), (max_docs, max_bytes), &mut summary, &mut taken).await;
         // What the sink took goes even when a later request failed.
         if let Err(e) = store.remove_dead_letters(&mut cursor, &taken).await {
             break Err(e.into());
@@ -174,8 +176,8 @@ async fn replay(settings: &Settings, reason: Option<&str>) -> anyhow::Result<()>
 async fn send<'a>(
     sink: &SinkClient,
     batch: &[(&'a StoredLetter, DeadLetter)],
-    max_docs: usize,
-    max_bytes: usize,
+    (schema, guarded): (&Schema, bool),
+    (max_docs, max_bytes): (usize, usize),
     summary: &mut Summary,
     taken: &mut Vec<&'a StoredLetter>,
 ) -> anyhow::Result<()> {
@@ -185,7 +187,7 @@ async fn send<'a>(
         let mut end = start;
         while end < batch.len() && end - start < max_docs {
             let before = body.len();
-            encode(&mut body, &batch[end].1);
+            encode(&mut body, &batch[end].1, schema, guarded);
             // A request holds at least one document, however large.
             if body.len() > max_bytes && end > start {
                 body.truncate(before);
@@ -216,6 +218,9 @@ async fn send<'a>(
 
 /// `Some(true)` indexed, `Some(false)` a newer version is indexed, `None` refused again.
 fn settled(status: &ItemStatus) -> Option<bool> {
+    if status.is_success() && status.noop {
+        return Some(false);
+    }
     if status.is_success() {
         return Some(true);
     }
@@ -224,9 +229,19 @@ fn settled(status: &ItemStatus) -> Option<bool> {
     newer.then_some(false)
 }
 
-/// One `index` operation: `_id` = the letter's id, its version as `external_gte` when it
-/// has one, then the document as it was sent.
-fn encode(body: &mut BytesMut, letter: &DeadLetter) {
+const PARTS_KEY: &[u8] = b"\"_parts\":{";
+
+/// One operation for the document as it was sent, `_id` = the letter's id. With
+/// `late_parts = "update"` and a document that carries its parts' stamps: the guarded
+/// upsert, which writes each part only if newer than the indexed one. Otherwise an `index`
+/// with the letter's version as `external_gte` when it has one.
+fn encode(body: &mut BytesMut, letter: &DeadLetter, schema: &Schema, guarded: bool) {
+    let has_stamps = letter.document.windows(PARTS_KEY.len()).any(|w| w == PARTS_KEY);
+    if guarded && has_stamps {
+        let (op, _) = reencode(&letter.id, letter.version.unwrap_or(0), &letter.document, schema, Action::Upsert);
+        body.put_slice(&op);
+        return;
+    }
     let mut index = serde_json::json!({ "_id": letter.id });
     if let Some(version) = letter.version {
         index["version"] = version.into();
@@ -274,9 +289,12 @@ mod tests {
 
     #[test]
     fn replayed_operations_carry_the_id_and_the_external_version() {
+        let schema = Schema::new(&crate::config::Settings::defaults().parts);
         let mut body = BytesMut::new();
-        encode(&mut body, &letter(Some(7)));
-        encode(&mut body, &letter(None));
+        // Without `_parts` in the document (a letter from an older version) an update
+        // cannot be guarded: it is replayed as a versioned `index`.
+        encode(&mut body, &letter(Some(7)), &schema, true);
+        encode(&mut body, &letter(None), &schema, false);
         let text = String::from_utf8(body.to_vec()).unwrap();
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(lines[0], r#"{"index":{"_id":"a\"b","version":7,"version_type":"external_gte"}}"#);
@@ -287,8 +305,8 @@ mod tests {
 
     #[test]
     fn only_a_success_or_a_newer_version_settles_a_letter() {
-        let status = |status, kind: &str| ItemStatus { status, error: Some((kind.into(), String::new())) };
-        assert_eq!(settled(&ItemStatus { status: 201, error: None }), Some(true));
+        let status = |status, kind: &str| ItemStatus { status, error: Some((kind.into(), String::new())), noop: false };
+        assert_eq!(settled(&ItemStatus { status: 201, error: None, noop: false }), Some(true));
         assert_eq!(settled(&status(409, "version_conflict_engine_exception")), Some(false));
         assert_eq!(settled(&status(400, "document_parsing_exception")), None);
         assert_eq!(settled(&status(429, "es_rejected_execution_exception")), None);

@@ -56,6 +56,7 @@ pub struct Metrics {
     pub parts_received: Counter,
     pub parts_rejected: Family<ReasonLabels, Counter>,
     pub documents_completed: Family<CompletedLabels, Counter>,
+    pub document_updates: Counter,
     pub documents_indexed: Counter,
     pub documents_ended: Family<EndLabels, Counter>,
     pub outbox_in_flight: Gauge,
@@ -108,6 +109,7 @@ impl Metrics {
             parts_received: Counter::default(),
             parts_rejected: Family::default(),
             documents_completed: Family::default(),
+            document_updates: Counter::default(),
             documents_indexed: Counter::default(),
             documents_ended: Family::default(),
             outbox_in_flight: Gauge::default(),
@@ -146,10 +148,15 @@ impl Metrics {
         r.register("parts_received", "Parts taken by ingress", m.parts_received.clone());
         r.register("parts_rejected", "Items refused by ingress, by reason", m.parts_rejected.clone());
         r.register("documents_completed", "Items that became complete, by where", m.documents_completed.clone());
+        r.register(
+            "document_updates",
+            "Newer copies of parts for completed items, sent to update their documents (state.late_parts)",
+            m.document_updates.clone(),
+        );
         r.register("documents_indexed", "Documents the sink acknowledged", m.documents_indexed.clone());
         r.register(
             "documents_ended",
-            "Completed documents by the end they reached: indexed, superseded, dead_lettered, parked",
+            "Completed documents and updates by the end they reached: indexed, updated, superseded, dead_lettered, parked",
             m.documents_ended.clone(),
         );
         r.register(

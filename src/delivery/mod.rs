@@ -38,6 +38,8 @@ pub use writer::{BulkWriter, Slot, WriterClosed, WriterHandle};
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum End {
     Indexed,
+    /// Newer copies of some parts were written into the indexed document.
+    Updated,
     Superseded,
     DeadLettered,
     Parked,
@@ -48,6 +50,7 @@ impl End {
     pub fn label(self) -> &'static str {
         match self {
             End::Indexed => "indexed",
+            End::Updated => "updated",
             End::Superseded => "superseded",
             End::DeadLettered => "dead_lettered",
             End::Parked => "parked",

@@ -21,11 +21,11 @@ use tokio_util::sync::CancellationToken;
 use super::concurrency::AdaptiveLimit;
 use super::settle::{self, Ended};
 use super::{End, InFlight, SinkHealth};
-use crate::config::OrphanAction;
+use crate::config::{LatePartsAction, OrphanAction};
 use crate::metrics::{Metrics, StatusLabels};
 use crate::model::document::{Origin, OrphanKind};
 use crate::model::{AckGroup, Document, Schema};
-use crate::sink::encode::{encode_index_op, VectorEncoding};
+use crate::sink::encode::{encode_op, reencode, Action, VectorEncoding};
 use crate::sink::retry::{RequestVerdict, RetryPolicy, Verdict};
 use crate::sink::{SinkClient, SinkError};
 use crate::state::{DeadLetter, StateStore};
@@ -50,12 +50,53 @@ pub struct Context {
     pub health: SinkHealth,
     /// Most bytes in one request body.
     pub max_bytes: usize,
+    /// Which action writes which document.
+    pub writes: Writes,
 }
 
-/// One encoded `index` operation and what ending it involves.
+/// How long a guarded update waits for its document to appear (a completion that is still
+/// on its way to the index) before it is settled as missing.
+const MISSING_GRACE: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Which action writes a document, from `state.late_parts` and the sink.
+#[derive(Debug, Clone, Copy)]
+pub enum Writes {
+    /// `late_parts = "new_item"`: every document replaces the indexed one if it is newer.
+    Versioned,
+    /// `late_parts = "update"`, to a search engine: `create`, a guarded update if the id
+    /// exists; an update of some parts is a guarded update.
+    Guarded,
+    /// `late_parts = "update"`, to files: every document as a guarded upsert, which gives
+    /// the same result whatever the index holds when the files are loaded.
+    Upserts,
+}
+
+impl Writes {
+    pub fn new(late_parts: LatePartsAction, sink: &SinkClient) -> Writes {
+        match (late_parts, sink) {
+            (LatePartsAction::NewItem, _) => Writes::Versioned,
+            (LatePartsAction::Update, SinkClient::File(_)) => Writes::Upserts,
+            (LatePartsAction::Update, _) => Writes::Guarded,
+        }
+    }
+
+    fn action(self, doc: &Document) -> Action {
+        match self {
+            Writes::Versioned => Action::Index,
+            Writes::Upserts => Action::Upsert,
+            Writes::Guarded if doc.update => Action::Merge,
+            Writes::Guarded => Action::Create,
+        }
+    }
+}
+
+/// One encoded operation and what ending it involves.
 pub struct Encoded {
     pub id: String,
     pub version: u64,
+    pub action: Action,
+    /// It updates some parts of an indexed document ([`Document::update`]).
+    pub update: bool,
     /// Action line and source line, each ending in `\n`.
     pub op: Bytes,
     /// The source line inside `op`.
@@ -133,7 +174,7 @@ async fn attempt(ctx: &Context, docs: Vec<Encoded>, started: Instant) -> Step {
     match result {
         Ok(statuses) => {
             ctx.metrics.bulk_requests.get_or_create(&StatusLabels { status: 200 }).inc();
-            let Sorted { ended, letters, again, busy } = sort_items(ctx, docs, statuses);
+            let Sorted { ended, letters, again, busy } = sort_items(ctx, docs, statuses, started);
             if busy {
                 ctx.limit.on_backpressure();
             } else {
@@ -207,15 +248,35 @@ struct Sorted {
 }
 
 /// Sorts a bulk response's items; stalls and recoveries are recorded on the way.
-fn sort_items(ctx: &Context, docs: Vec<Encoded>, statuses: Vec<crate::sink::ItemStatus>) -> Sorted {
+fn sort_items(ctx: &Context, docs: Vec<Encoded>, statuses: Vec<crate::sink::ItemStatus>, started: Instant) -> Sorted {
     let (mut ended, mut letters, mut again) = (Vec::new(), Vec::new(), Vec::new());
     let (mut busy, mut stall) = (None, None);
-    for (doc, item) in docs.into_iter().zip(statuses) {
+    for (mut doc, item) in docs.into_iter().zip(statuses) {
         ctx.metrics.bulk_items.get_or_create(&StatusLabels { status: item.status }).inc();
+        let verdict = ctx.policy.classify_item(doc.action, &item);
         let (error_type, reason) = item.error.unwrap_or_default();
-        match ctx.policy.classify_item(item.status, Some(error_type.as_str())) {
+        match verdict {
+            Verdict::Indexed if doc.update => ended.push((doc, End::Updated)),
             Verdict::Indexed => ended.push((doc, End::Indexed)),
             Verdict::Superseded => ended.push((doc, End::Superseded)),
+            Verdict::Exists => {
+                doc.rewrite(&ctx.schema, Action::Merge);
+                again.push(doc);
+            }
+            Verdict::Missing if !doc.update => {
+                doc.rewrite(&ctx.schema, Action::Create);
+                again.push(doc);
+            }
+            // Its document may still be on its way (a completion in another request).
+            Verdict::Missing if started.elapsed() < MISSING_GRACE => again.push(doc),
+            Verdict::Missing => {
+                let reason = format!(
+                    "no document {} in the index to update (deleted, or never indexed) after {MISSING_GRACE:?}",
+                    doc.id
+                );
+                let letter = letter(&doc, Some(item.status), error_type, reason, 1);
+                letters.push((doc, letter));
+            }
             Verdict::Retry => {
                 busy = Some(format!("{} {error_type}: {reason}", item.status));
                 again.push(doc);
@@ -301,7 +362,7 @@ pub(super) fn encode(ctx: &Context, docs: Vec<Document>) -> (Bytes, Vec<Encoded>
     let mut spans = Vec::with_capacity(docs.len());
     for doc in &docs {
         let start = body.len();
-        let source = encode_index_op(&mut body, doc, &ctx.schema, ctx.vectors);
+        let source = encode_op(&mut body, doc, &ctx.schema, ctx.vectors, ctx.writes.action(doc));
         spans.push((start..body.len(), source.start - start..source.end - start));
     }
     let body = body.freeze();
@@ -316,6 +377,8 @@ pub(super) fn encode(ctx: &Context, docs: Vec<Document>) -> (Bytes, Vec<Encoded>
             Encoded {
                 id: doc.id.clone(),
                 version,
+                action: ctx.writes.action(&doc),
+                update: doc.update,
                 op: body.slice(op),
                 source,
                 received_at: doc.received_at,
@@ -326,6 +389,14 @@ pub(super) fn encode(ctx: &Context, docs: Vec<Document>) -> (Bytes, Vec<Encoded>
         })
         .collect();
     (body, encoded)
+}
+
+impl Encoded {
+    /// Writes it with another action, around the same source.
+    fn rewrite(&mut self, schema: &Schema, action: Action) {
+        let (op, source) = reencode(&self.id, self.version, &self.op[self.source.clone()], schema, action);
+        (self.op, self.source, self.action) = (op, source, action);
+    }
 }
 
 /// The body of a retry: the operations of the documents sent again.

@@ -16,7 +16,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use super::concurrency::AdaptiveLimit;
-use super::request::{deliver, encode, Context};
+use super::request::{deliver, encode, Context, Writes};
 use super::{settle, InFlight, SinkHealth};
 use crate::config::Settings;
 use crate::metrics::Metrics;
@@ -110,6 +110,7 @@ impl BulkWriter {
         let writer = BulkWriter {
             rx,
             ctx: Arc::new(Context {
+                writes: Writes::new(settings.state.late_parts, &sink),
                 sink,
                 policy: RetryPolicy::new(es),
                 store,

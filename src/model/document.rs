@@ -43,6 +43,10 @@ pub struct Document {
     pub origin: Origin,
     /// Set for parts swept as an orphan: they waited longer than the partial TTL.
     pub orphan: Option<OrphanKind>,
+    /// Set for newer copies of some parts of an item already completed
+    /// (`state.late_parts = "update"`): only those parts are written, over the indexed
+    /// document, each only if it is newer than the one there. The other vectors are empty.
+    pub update: bool,
     /// Requests waiting for it to be settled (`persisted` mode, completed in memory).
     pub acks: Vec<Arc<AckGroup>>,
 }
@@ -126,6 +130,7 @@ impl Partial {
             received_at: self.received_at,
             origin: Origin::Memory,
             orphan: None,
+            update: false,
             acks: self.acks,
         }
     }

@@ -350,10 +350,12 @@ impl ShardActor {
             self.retry_at = None;
         }
         self.metrics.store_flush_seconds.observe(started.elapsed().as_secs_f64());
+        let updates = complete.iter().filter(|d| d.update).count() as u64;
+        self.metrics.document_updates.inc_by(updates);
         self.metrics
             .documents_completed
             .get_or_create(&CompletedLabels { path: CompletedIn::Store })
-            .inc_by(complete.len() as u64);
+            .inc_by(complete.len() as u64 - updates);
         self.report_resident();
         self.send(complete).await;
     }

@@ -20,7 +20,8 @@ use crate::config::{ElasticsearchSettings, EngineSetting, Similarity};
 use crate::model::Schema;
 
 /// Only what embedjoin reads of a bulk response; the rest is not sent back at all.
-const BULK_FILTER_PATH: &[&str] = &["errors", "items.*.status", "items.*.error.type", "items.*.error.reason"];
+const BULK_FILTER_PATH: &[&str] =
+    &["errors", "items.*.status", "items.*.result", "items.*.error.type", "items.*.error.reason"];
 
 #[derive(Clone)]
 pub struct EsSink {
@@ -85,6 +86,8 @@ pub fn index_body(kind: EngineKind, schema: &Schema, similarity: Similarity, ind
     let mut properties = serde_json::Map::new();
     properties.insert("id".into(), serde_json::json!({"type": "keyword"}));
     properties.insert("completed_at".into(), serde_json::json!({"type": "date"}));
+    // Each part's stamp, for the guarded update: stored in the source, never indexed.
+    properties.insert("_parts".into(), serde_json::json!({"type": "object", "enabled": false}));
     for part in schema.parts() {
         let field = match kind {
             // `similarity` is only accepted on an indexed field.
@@ -210,7 +213,7 @@ impl EsSink {
             .map(|item| {
                 let op = item.op;
                 let error = op.error.map(|e| (e.kind, e.reason.unwrap_or_default()));
-                ItemStatus { status: op.status, error }
+                ItemStatus { status: op.status, error, noop: op.result.as_deref() == Some("noop") }
             })
             .collect())
     }
@@ -293,6 +296,33 @@ impl EsSink {
         }
     }
 
+    /// Whether the cluster runs painless scripts, which guarded updates need
+    /// (`state.late_parts = "update"`): `Ok(false)` when it refuses them, an error when it
+    /// cannot be told (no answer, or no right to the execute API).
+    pub async fn runs_painless(&self) -> Result<bool, SinkError> {
+        let probe = serde_json::json!({"script": {"lang": "painless", "source": "params.x + 1", "params": {"x": 1}}});
+        let response = self
+            .client
+            .send(
+                Method::Post,
+                "/_scripts/painless/_execute",
+                Default::default(),
+                Option::<&()>::None,
+                Some(serde_json::to_vec(&probe).expect("a JSON value serialises")),
+                Some(self.timeout),
+            )
+            .await
+            .map_err(|e| SinkError::Transport(with_causes(&e)))?;
+        let status = response.status_code();
+        let body = response.bytes().await.map_err(|e| SinkError::Transport(with_causes(&e)))?;
+        match status.as_u16() {
+            200..=299 => Ok(true),
+            // No painless (a missing module, or scripts disabled): the API refuses the script.
+            400 => Ok(false),
+            _ => Err(request_error(status, &body)),
+        }
+    }
+
     /// Whether the cluster answers.
     pub async fn ping(&self) -> Result<(), SinkError> {
         self.root().await.map(|_| ())
@@ -332,6 +362,7 @@ struct BulkItem {
 struct BulkOp {
     status: u16,
     error: Option<ItemError>,
+    result: Option<String>,
 }
 
 #[derive(Deserialize)]

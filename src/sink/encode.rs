@@ -1,8 +1,13 @@
-//! Encodes documents as `_bulk` NDJSON: an `index` action line with `_id` = the item id
-//! (so a resend overwrites instead of duplicating) and the document's version as an
-//! external version (`external_gte`: the same completion again is applied, an older one
-//! is refused with a 409, so the index never goes back), then the document source line.
-//! Each document is encoded once, straight into the request buffer.
+//! Encodes documents as `_bulk` NDJSON, each straight into the request buffer. The action
+//! decides how a write meets what the index holds ([`Action`]); every source line carries
+//! `_parts`, the stamp of each part it holds, which the guarded update compares.
+//!
+//! - `index` with the document's version as an external version (`external_gte`: the same
+//!   completion again is applied, an older one is refused with a 409, so the index never
+//!   goes back). Used with `state.late_parts = "new_item"`.
+//! - `create`, then, if the id exists, the guarded `update` ([`MERGE_SCRIPT`]): each part
+//!   is written only if it is newer than the one indexed. Used with `late_parts = "update"`,
+//!   where a document may change one part at a time.
 
 use std::io::Write;
 use std::ops::Range;
@@ -16,22 +21,64 @@ pub use crate::config::VectorEncoding;
 use crate::model::document::rfc3339;
 use crate::model::{Document, Schema};
 
-/// Appends one `index` operation (action line and source line, each ending in `\n`).
-/// Returns the byte range of the source line (without its newline) inside `buf`.
-pub fn encode_index_op(buf: &mut BytesMut, doc: &Document, schema: &Schema, vectors: VectorEncoding) -> Range<usize> {
+/// How one document is written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    /// `index` with `version_type=external_gte`: the newer completion replaces the document.
+    Index,
+    /// `create`: only if the id is not indexed yet (a 409 then turns it into a `Merge`).
+    Create,
+    /// `update` with [`MERGE_SCRIPT`]: each of its parts only if newer than the indexed one;
+    /// `noop` when none is. A 404 (`document_missing_exception`) means no document yet.
+    Merge,
+    /// `Merge` that creates the document when there is none (`scripted_upsert`): one action
+    /// that gives the same result whatever the index holds, for files loaded later.
+    Upsert,
+}
+
+/// The guarded partial update (painless, the same in Elasticsearch and OpenSearch). Its
+/// params: `d`, the document's source as [`encode_op`] writes it, and `fields`, part type
+/// to vector field. Per part in `d._parts` newer than the indexed `_parts` entry (or with
+/// none), the vector field and the stamp are written; a part it completes leaves
+/// `missing_parts` (and `incomplete` goes with the last one). When some part was written,
+/// the document's other fields (metadata, `completed_at`) are written too, and when every
+/// configured part was, `d` replaces the document as it is (as a newer completion does).
+/// When none was, the update is a `noop`: it changes nothing, whatever order updates
+/// arrive in. A new document (`Upsert` of an id not indexed) is `d`, markers included.
+pub const MERGE_SCRIPT: &str = "def src = ctx._source; def d = params.d; def fields = params.fields; \
+boolean fresh = src.isEmpty(); def have = src._parts; if (have == null) { have = new HashMap(); } int applied = 0; \
+for (def t : d._parts.keySet()) { def s = d._parts.get(t); def h = have.get(t); \
+if (h == null || h < s) { def f = fields.get(t); src.put(f, d.get(f)); have.put(t, s); applied++; \
+if (src.missing_parts instanceof List) { src.missing_parts.removeIf(x -> x == t); } } } \
+if (fresh || applied == fields.size()) { src.clear(); src.putAll(d); } \
+else if (applied > 0) { src._parts = have; \
+if (src.missing_parts instanceof List && src.missing_parts.isEmpty()) { src.remove('missing_parts'); src.remove('incomplete'); } \
+for (def k : d.keySet()) { \
+if (!fields.containsValue(k) && k != '_parts' && k != 'incomplete' && k != 'missing_parts') { src.put(k, d.get(k)); } } \
+} else { ctx.op = 'noop'; }";
+
+/// Appends one operation (action line and body line, each ending in `\n`). Returns the
+/// byte range of the document's source inside `buf` (inside the script's params for a
+/// `Merge`).
+pub fn encode_op(
+    buf: &mut BytesMut,
+    doc: &Document,
+    schema: &Schema,
+    vectors: VectorEncoding,
+    action: Action,
+) -> Range<usize> {
     let mut w = Writer(buf);
-    w.raw(b"{\"index\":{\"_id\":");
-    w.json_str(&doc.id);
-    w.raw(b",\"version\":");
-    w.raw(itoa::Buffer::new().format(doc.version()).as_bytes());
-    w.raw(b",\"version_type\":\"external_gte\"}}\n");
+    action_line(&mut w, &doc.id, doc.version(), action);
+    if matches!(action, Action::Merge | Action::Upsert) {
+        merge_head(&mut w, schema, action);
+    }
     let start = w.0.len();
     w.raw(b"{\"id\":");
     w.json_str(&doc.id);
     let mut floats = ryu::Buffer::new();
     for (slot, vector) in doc.vectors.iter().enumerate() {
         if vector.is_empty() {
-            continue; // a missing part of an incomplete document
+            continue; // a missing part of an incomplete document, or one an update leaves
         }
         w.raw(b",\"");
         w.raw(schema.part(slot).field.as_bytes()); // validated: a plain name, no escaping needed
@@ -57,7 +104,18 @@ pub fn encode_index_op(buf: &mut BytesMut, doc: &Document, schema: &Schema, vect
             }
         }
     }
-    if doc.vectors.iter().any(Vec::is_empty) {
+    w.raw(b",\"_parts\":{");
+    let present = doc.vectors.iter().enumerate().filter(|(_, v)| !v.is_empty());
+    for (i, (slot, _)) in present.enumerate() {
+        if i > 0 {
+            w.raw(b",");
+        }
+        w.json_str(&schema.part(slot).type_name);
+        w.raw(b":");
+        w.raw(itoa::Buffer::new().format(doc.stamps[slot]).as_bytes());
+    }
+    w.raw(b"}");
+    if !doc.update && doc.vectors.iter().any(Vec::is_empty) {
         w.raw(b",\"incomplete\":true,\"missing_parts\":[");
         let missing = doc.vectors.iter().enumerate().filter(|(_, v)| v.is_empty());
         for (i, (slot, _)) in missing.enumerate() {
@@ -81,8 +139,79 @@ pub fn encode_index_op(buf: &mut BytesMut, doc: &Document, schema: &Schema, vect
     }
     w.raw(b"}");
     let end = w.0.len();
+    if matches!(action, Action::Merge | Action::Upsert) {
+        w.raw(b"}}}");
+    }
     w.raw(b"\n");
     start..end
+}
+
+/// The same document as another action, around its already encoded source (no vector is
+/// formatted again): a `create` refused because the id exists becomes a `Merge`, a `Merge`
+/// that found no document becomes a `create`.
+pub fn reencode(
+    id: &str,
+    version: u64,
+    source: &[u8],
+    schema: &Schema,
+    action: Action,
+) -> (bytes::Bytes, Range<usize>) {
+    let mut buf = BytesMut::with_capacity(source.len() + MERGE_SCRIPT.len() + 256);
+    let mut w = Writer(&mut buf);
+    action_line(&mut w, id, version, action);
+    if matches!(action, Action::Merge | Action::Upsert) {
+        merge_head(&mut w, schema, action);
+    }
+    let start = w.0.len();
+    w.raw(source);
+    let end = w.0.len();
+    if matches!(action, Action::Merge | Action::Upsert) {
+        w.raw(b"}}}");
+    }
+    w.raw(b"\n");
+    (buf.freeze(), start..end)
+}
+
+fn action_line(w: &mut Writer, id: &str, version: u64, action: Action) {
+    match action {
+        Action::Index => {
+            w.raw(b"{\"index\":{\"_id\":");
+            w.json_str(id);
+            w.raw(b",\"version\":");
+            w.raw(itoa::Buffer::new().format(version).as_bytes());
+            w.raw(b",\"version_type\":\"external_gte\"}}\n");
+        }
+        Action::Create => {
+            w.raw(b"{\"create\":{\"_id\":");
+            w.json_str(id);
+            w.raw(b"}}\n");
+        }
+        Action::Merge | Action::Upsert => {
+            w.raw(b"{\"update\":{\"_id\":");
+            w.json_str(id);
+            w.raw(b",\"retry_on_conflict\":5}}\n");
+        }
+    }
+}
+
+/// The update body up to where the document goes: `{"script":{...,"params":{...,"d":`.
+fn merge_head(w: &mut Writer, schema: &Schema, action: Action) {
+    if action == Action::Upsert {
+        w.raw(b"{\"scripted_upsert\":true,\"upsert\":{},\"script\":{\"lang\":\"painless\",\"source\":");
+    } else {
+        w.raw(b"{\"script\":{\"lang\":\"painless\",\"source\":");
+    }
+    w.json_str(MERGE_SCRIPT);
+    w.raw(b",\"params\":{\"fields\":{");
+    for (i, part) in schema.parts().iter().enumerate() {
+        if i > 0 {
+            w.raw(b",");
+        }
+        w.json_str(&part.type_name);
+        w.raw(b":");
+        w.json_str(&part.field);
+    }
+    w.raw(b"},\"d\":");
 }
 
 struct Writer<'a>(&'a mut BytesMut);
@@ -123,6 +252,7 @@ mod tests {
             received_at: Instant::now(),
             origin: crate::model::document::Origin::Memory,
             orphan: None,
+            update: false,
             acks: Vec::new(),
         }
     }
@@ -135,7 +265,7 @@ mod tests {
         ]);
         let doc = doc("o", vec![vec![0.5], vec![]], None);
         let mut buf = BytesMut::new();
-        let source = encode_index_op(&mut buf, &doc, &schema, VectorEncoding::Array);
+        let source = encode_op(&mut buf, &doc, &schema, VectorEncoding::Array, Action::Index);
         let src: serde_json::Value = serde_json::from_slice(&buf[source]).unwrap();
         assert_eq!(src["t"][0], 0.5);
         assert!(src.get("i").is_none());
@@ -148,7 +278,7 @@ mod tests {
         let schema = Schema::new(&[PartSettings { type_name: "T".into(), field: "v".into(), dims: 2 }]);
         let doc = doc("b", vec![vec![1.0, -0.5]], None);
         let mut buf = BytesMut::new();
-        let source = encode_index_op(&mut buf, &doc, &schema, VectorEncoding::Base64);
+        let source = encode_op(&mut buf, &doc, &schema, VectorEncoding::Base64, Action::Index);
         let src: serde_json::Value = serde_json::from_slice(&buf[source]).unwrap();
         let bytes = BASE64_STANDARD.decode(src["v"].as_str().unwrap()).unwrap();
         assert_eq!(bytes, [0x3f, 0x80, 0, 0, 0xbf, 0, 0, 0]);
@@ -166,7 +296,7 @@ mod tests {
             serde_json::json!({"lang": "en", "n": [1, 2]}).as_object().cloned(),
         );
         let mut buf = BytesMut::new();
-        let source = encode_index_op(&mut buf, &doc, &schema, VectorEncoding::Array);
+        let source = encode_op(&mut buf, &doc, &schema, VectorEncoding::Array, Action::Index);
         let text = std::str::from_utf8(&buf).unwrap();
         let lines: Vec<&str> = text.split_terminator('\n').collect();
         assert_eq!(lines.len(), 2);

@@ -81,10 +81,10 @@ impl FileSink {
     /// Appends one `_bulk` body of `count` operations and fsyncs it; every item is 201.
     pub async fn bulk(&self, body: Bytes, count: usize) -> Result<Vec<ItemStatus>, SinkError> {
         if body.is_empty() {
-            return Ok(vec![ItemStatus { status: 201, error: None }; count]);
+            return Ok(vec![ItemStatus { status: 201, error: None, noop: false }; count]);
         }
         self.with(move |out| out.append(&body)).await?;
-        Ok(vec![ItemStatus { status: 201, error: None }; count])
+        Ok(vec![ItemStatus { status: 201, error: None, noop: false }; count])
     }
 
     /// The file being appended to, once open.

@@ -10,7 +10,7 @@ pub mod retry;
 
 use bytes::Bytes;
 
-use crate::config::{Settings, SinkBackend};
+use crate::config::{LatePartsAction, Settings, SinkBackend};
 use crate::model::Schema;
 
 /// The result of one operation of a bulk request.
@@ -19,6 +19,8 @@ pub struct ItemStatus {
     pub status: u16,
     /// Error type and reason, for a failed item.
     pub error: Option<(String, String)>,
+    /// A successful update that changed nothing (`"result": "noop"`).
+    pub noop: bool,
 }
 
 impl ItemStatus {
@@ -55,6 +57,11 @@ pub enum SinkClient {
     Null,
 }
 
+/// Why the service does not start when guarded updates cannot run.
+pub const NO_PAINLESS: &str = "state.late_parts = \"update\" writes guarded updates as painless scripts, \
+and the cluster refuses painless scripts. Allow inline painless scripts (script.allowed_types), \
+or set state.late_parts = \"new_item\" (a newer part then waits for the item's other parts again).";
+
 impl SinkClient {
     pub fn new(settings: &Settings) -> Result<SinkClient, SinkError> {
         match settings.sink.backend {
@@ -71,6 +78,18 @@ impl SinkClient {
     /// is not fatal then: the credentials may be allowed `_bulk` and nothing else).
     pub async fn prepare(&self, settings: &Settings, schema: &Schema) -> Result<(), SinkError> {
         let index = &settings.elasticsearch.index;
+        if let SinkClient::Elasticsearch(es) = self {
+            if settings.state.late_parts == LatePartsAction::Update {
+                match es.runs_painless().await {
+                    Ok(true) => {}
+                    Ok(false) => return Err(SinkError::Config(NO_PAINLESS.into())),
+                    Err(error) => tracing::warn!(
+                        %error,
+                        "Cannot tell whether the cluster runs painless scripts, which state.late_parts = \"update\" needs; going on."
+                    ),
+                }
+            }
+        }
         match self {
             SinkClient::Elasticsearch(es) if settings.elasticsearch.create_index => {
                 let engine = es.ensure_index(schema, settings.elasticsearch.similarity).await?;
@@ -94,7 +113,7 @@ impl SinkClient {
         match self {
             SinkClient::Elasticsearch(es) => es.bulk(body, count).await,
             SinkClient::File(file) => file.bulk(body, count).await,
-            SinkClient::Null => Ok(vec![ItemStatus { status: 201, error: None }; count]),
+            SinkClient::Null => Ok(vec![ItemStatus { status: 201, error: None, noop: false }; count]),
         }
     }
 

@@ -9,7 +9,8 @@ use std::time::Duration;
 
 use rand::Rng;
 
-use super::SinkError;
+use super::encode::Action;
+use super::{ItemStatus, SinkError};
 use crate::config::ElasticsearchSettings;
 
 /// The error type of a 409 from an external-versioned write the index already holds a
@@ -17,14 +18,21 @@ use crate::config::ElasticsearchSettings;
 pub const VERSION_CONFLICT: &str = "version_conflict_engine_exception";
 /// The error type of a write to an index that does not exist (and may not be created).
 pub const INDEX_NOT_FOUND: &str = "index_not_found_exception";
+/// The error type of an `update` of an id the index does not hold.
+pub const DOCUMENT_MISSING: &str = "document_missing_exception";
 
 /// What one item's result means.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Verdict {
     /// The sink took it.
     Indexed,
-    /// The sink holds a newer version of the id: this write lost to it, which is settled.
+    /// The sink holds a newer version of the id (or, for a guarded update, every part as
+    /// new): this write lost to it, which is settled.
     Superseded,
+    /// A `create` found the id indexed: write it as a guarded update instead.
+    Exists,
+    /// A guarded update found no document to update.
+    Missing,
     /// Busy or unavailable: send it again later.
     Retry,
     /// The cluster refuses us, not the document (401/403, a missing index): an operator
@@ -66,11 +74,23 @@ impl RetryPolicy {
         }
     }
 
-    /// What an item's status (and error type) means.
-    pub fn classify_item(&self, status: u16, error_type: Option<&str>) -> Verdict {
+    /// What an item's result means for a write of this action.
+    pub fn classify_item(&self, action: Action, item: &ItemStatus) -> Verdict {
+        let error_type = item.error.as_ref().map(|(kind, _)| kind.as_str());
+        match (item.status, action) {
+            (200..=299, Action::Merge | Action::Upsert) if item.noop => Verdict::Superseded,
+            (200..=299, _) => Verdict::Indexed,
+            (409, Action::Index) if error_type == Some(VERSION_CONFLICT) => Verdict::Superseded,
+            (409, Action::Create) if error_type == Some(VERSION_CONFLICT) => Verdict::Exists,
+            // Updates of one document raced past `retry_on_conflict`: busy, not wrong.
+            (409, Action::Merge | Action::Upsert) if error_type == Some(VERSION_CONFLICT) => Verdict::Retry,
+            (404, Action::Merge) if error_type == Some(DOCUMENT_MISSING) => Verdict::Missing,
+            (status, _) => self.classify_status(status, error_type),
+        }
+    }
+
+    fn classify_status(&self, status: u16, error_type: Option<&str>) -> Verdict {
         match status {
-            200..=299 => Verdict::Indexed,
-            409 if error_type == Some(VERSION_CONFLICT) => Verdict::Superseded,
             s if self.statuses.contains(&s) => Verdict::Retry,
             401 | 403 => Verdict::Stall,
             404 if error_type == Some(INDEX_NOT_FOUND) => Verdict::Stall,
@@ -110,6 +130,7 @@ mod tests {
             (200, None, Verdict::Indexed),
             (201, None, Verdict::Indexed),
             (409, Some(VERSION_CONFLICT), Verdict::Superseded),
+            (404, Some(DOCUMENT_MISSING), Verdict::Reject),
             (409, Some("some_other_conflict"), Verdict::Reject),
             (429, Some("es_rejected_execution_exception"), Verdict::Retry),
             (500, Some("x"), Verdict::Retry),
@@ -121,11 +142,38 @@ mod tests {
             (401, Some("security_exception"), Verdict::Stall),
             (403, Some("security_exception"), Verdict::Stall),
             (404, Some("index_not_found_exception"), Verdict::Stall),
-            (404, Some("document_missing_exception"), Verdict::Reject),
         ];
         let policy = policy();
         for &(status, error_type, want) in table {
-            assert_eq!(policy.classify_item(status, error_type), want, "{status} {error_type:?}");
+            let item = ItemStatus { status, error: error_type.map(|t| (t.into(), String::new())), noop: false };
+            assert_eq!(policy.classify_item(Action::Index, &item), want, "{status} {error_type:?}");
+        }
+    }
+
+    #[test]
+    fn guarded_writes_classify_by_their_action() {
+        let item = |status, error_type: Option<&str>, noop| ItemStatus {
+            status,
+            error: error_type.map(|t| (t.into(), String::new())),
+            noop,
+        };
+        let table: &[(Action, ItemStatus, Verdict)] = &[
+            (Action::Create, item(201, None, false), Verdict::Indexed),
+            (Action::Create, item(409, Some(VERSION_CONFLICT), false), Verdict::Exists),
+            (Action::Merge, item(200, None, false), Verdict::Indexed),
+            (Action::Merge, item(200, None, true), Verdict::Superseded),
+            (Action::Merge, item(404, Some(DOCUMENT_MISSING), false), Verdict::Missing),
+            (Action::Merge, item(409, Some(VERSION_CONFLICT), false), Verdict::Retry),
+            (Action::Merge, item(429, Some("es_rejected_execution_exception"), false), Verdict::Retry),
+            (Action::Merge, item(400, Some("illegal_argument_exception"), false), Verdict::Reject),
+            (Action::Upsert, item(201, None, false), Verdict::Indexed),
+            (Action::Upsert, item(200, None, true), Verdict::Superseded),
+            (Action::Upsert, item(404, Some(DOCUMENT_MISSING), false), Verdict::Reject),
+            (Action::Index, item(200, None, true), Verdict::Indexed),
+        ];
+        let policy = policy();
+        for (action, item, want) in table {
+            assert_eq!(policy.classify_item(*action, item), *want, "{action:?} {item:?}");
         }
     }
 

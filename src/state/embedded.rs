@@ -38,7 +38,7 @@ use super::{
     Completion, DeadLetter, LetterCap, LetterCursor, MergeOutcome, StateError, StoredEntry, StoredItem, StoredLetter,
     Swept,
 };
-use crate::config::{EmbeddedSettings, StateSettings};
+use crate::config::{EmbeddedSettings, LatePartsAction, StateSettings};
 use crate::model::document::{OrphanKind, Partial};
 use crate::model::{Document, Schema};
 
@@ -61,11 +61,16 @@ struct Inner {
     schema: Schema,
     /// How long a completed item's record is kept, in ms.
     remember_ms: u64,
+    /// Newer copies for a remembered completed item update its document (late_parts).
+    late_updates: bool,
 }
 
 /// One item's parts to merge, encoded before the transaction: (slot, stamp, f32 LE bytes,
 /// metadata JSON).
 type Writes = (String, Vec<(usize, u64, Vec<u8>, Option<Vec<u8>>)>);
+
+/// A copy of a part by type name: (type, stamp, f32 LE bytes, metadata JSON).
+type PartCopy = (String, u64, Vec<u8>, Option<Vec<u8>>);
 
 type Index<'t> = Table<'t, (u64, &'static str), ()>;
 
@@ -90,7 +95,8 @@ impl EmbeddedStore {
         schema: &Schema,
     ) -> Result<EmbeddedStore, StateError> {
         let (path, schema, remember_ms) = (settings.path.clone(), schema.clone(), ms(state.remember_completed));
-        let inner = blocking(move || Inner::open(&path, schema, remember_ms)).await?;
+        let late_updates = state.late_parts == LatePartsAction::Update;
+        let inner = blocking(move || Inner::open(&path, schema, remember_ms, late_updates)).await?;
         // The cap is set by `StateStore::connect` from durability.dead_letter_max.
         let letter_cap = LetterCap { max: usize::MAX, dropped: Default::default() };
         Ok(EmbeddedStore { inner: Arc::new(inner), letter_cap })
@@ -294,7 +300,7 @@ async fn blocking<T: Send + 'static>(
 }
 
 impl Inner {
-    fn open(path: &Path, schema: Schema, remember_ms: u64) -> Result<Inner, StateError> {
+    fn open(path: &Path, schema: Schema, remember_ms: u64, late_updates: bool) -> Result<Inner, StateError> {
         let failed = |source: redb::Error| StateError::EmbeddedOpen {
             path: path.display().to_string(),
             source: Box::new(source),
@@ -303,7 +309,7 @@ impl Inner {
             std::fs::create_dir_all(dir).map_err(|e| failed(redb::Error::Io(e)))?;
         }
         let db = Database::create(path).map_err(|e| failed(e.into()))?;
-        let inner = Inner { db, schema, remember_ms };
+        let inner = Inner { db, schema, remember_ms, late_updates };
         // Creates the tables, so that read transactions find them.
         inner.write(|tx| {
             tx.open_table(ITEMS)?;
@@ -345,12 +351,35 @@ impl Inner {
             };
             let before = record.clone();
             let mut wrote = false;
+            // Newer copies for a remembered completed item update its document.
+            let updating = self.late_updates && record.version > 0;
+            let mut updates = Vec::new();
             for (slot, stamp, vector, meta) in parts {
                 let type_name = &self.schema.part(slot).type_name;
-                if record.stamp(type_name) < stamp {
+                if record.stamp(type_name) < stamp && updating {
+                    record.set(type_name, stamp, None, None);
+                    updates.push((type_name.clone(), stamp, vector, meta));
+                } else if record.stamp(type_name) < stamp {
                     record.set(type_name, stamp, Some(vector), meta);
                     wrote = true;
                 }
+            }
+            if !updates.is_empty() {
+                record.updated = now;
+                items.put(&id, &before, &record)?;
+                let entry = update_entry(&outbox, &id, updates, now);
+                let doc = entry.and_then(|entry| {
+                    let doc = self.entry(&id, &entry).into_document(&self.schema, &id)?;
+                    Ok((entry, doc))
+                });
+                match doc {
+                    Ok((entry, doc)) => {
+                        put_outbox(&mut outbox, &mut outbox_index, &id, &entry, lease_until)?;
+                        outcomes.push(MergeOutcome::Completed(doc));
+                    }
+                    Err(e) => outcomes.push(MergeOutcome::Failed(e)),
+                }
+                continue;
             }
             let complete =
                 self.schema.parts().iter().all(|p| record.part(&p.type_name).is_some_and(|p| p.vector.is_some()));
@@ -362,7 +391,7 @@ impl Inner {
                 outcomes.push(MergeOutcome::Persisted);
                 continue;
             }
-            let mut entry = Record { updated: now, version: 0, orphan: None, parts: Vec::new() };
+            let mut entry = Record { updated: now, version: 0, orphan: None, update: false, parts: Vec::new() };
             for part in &mut record.parts {
                 if self.schema.slot_of(&part.type_name).is_some() {
                     entry.parts.push(part.clone());
@@ -393,6 +422,7 @@ impl Inner {
 
     fn remember(&self, tx: &WriteTransaction, done: &[Completion]) -> Result<(), StateError> {
         let mut items = Items::open(tx, self.remember_ms)?;
+        let (mut outbox, mut outbox_index) = (tx.open_table(OUTBOX)?, tx.open_table(OUTBOX_INDEX)?);
         let now = now_ms();
         for completion in done {
             let mut record = match items.get(&completion.id) {
@@ -409,6 +439,18 @@ impl Inner {
                 }
             }
             record.version = record.version.max(completion.stamps.iter().copied().max().unwrap_or(0));
+            if self.late_updates && record.has_pending() {
+                // Newer copies that came before this completion was recorded update its
+                // document: they move to its outbox entry, due at once.
+                let mut updates = Vec::new();
+                for part in &mut record.parts {
+                    if let Some(vector) = part.vector.take() {
+                        updates.push((part.type_name.clone(), part.stamp, vector, part.meta.take()));
+                    }
+                }
+                let entry = update_entry(&outbox, &completion.id, updates, now)?;
+                put_outbox(&mut outbox, &mut outbox_index, &completion.id, &entry, now)?;
+            }
             if before.has_pending() && record.has_pending() {
                 record.updated = before.updated; // the newer copy waiting keeps its age
             } else {
@@ -514,7 +556,7 @@ impl Inner {
                 continue; // a completion of it waits to be settled: sweep it later
             }
             let kind = if record.version > 0 { OrphanKind::Late } else { OrphanKind::Partial };
-            let mut entry = Record { updated: now, version: 0, orphan: Some(kind), parts: Vec::new() };
+            let mut entry = Record { updated: now, version: 0, orphan: Some(kind), update: false, parts: Vec::new() };
             let mut rest = record.clone();
             for part in &mut rest.parts {
                 if part.vector.is_some() && self.schema.slot_of(&part.type_name).is_some() {
@@ -564,6 +606,7 @@ impl Inner {
         let mut entry = StoredEntry::new(self.schema.len());
         entry.version = record.version;
         entry.orphan = record.orphan;
+        entry.update = record.update;
         for part in &record.parts {
             let Some(slot) = self.schema.slot_of(&part.type_name) else { continue };
             entry.stamps[slot] = part.stamp;
@@ -582,7 +625,13 @@ impl Inner {
 
     /// A document as an outbox entry record (its merged metadata rides on its first part).
     fn outbox_record(&self, doc: &Document) -> Record {
-        let mut entry = Record { updated: now_ms(), version: doc.version(), orphan: doc.orphan, parts: Vec::new() };
+        let mut entry = Record {
+            updated: now_ms(),
+            version: doc.version(),
+            orphan: doc.orphan,
+            update: doc.update,
+            parts: Vec::new(),
+        };
         for (slot, part) in self.schema.parts().iter().enumerate() {
             if doc.vectors[slot].is_empty() {
                 continue;
@@ -648,6 +697,25 @@ fn queued_version(outbox: &impl ReadableTable<&'static str, &'static [u8]>, id: 
         Some(bytes) => Ok(Record::decode(bytes.value()).map_or(u64::MAX, |r| r.version)),
         None => Ok(0),
     }
+}
+
+/// The outbox entry of `id` with newer copies of some of its parts written in: a waiting
+/// completion takes them in, else they make an update entry.
+fn update_entry(
+    outbox: &impl ReadableTable<&'static str, &'static [u8]>,
+    id: &str,
+    updates: Vec<PartCopy>,
+    now: u64,
+) -> Result<Record, StateError> {
+    let mut entry = match outbox.get(id)? {
+        Some(bytes) => Record::decode(bytes.value())?,
+        None => Record { updated: now, version: 0, orphan: None, update: true, parts: Vec::new() },
+    };
+    for (type_name, stamp, vector, meta) in updates {
+        entry.set(&type_name, stamp, Some(vector), meta);
+        entry.version = entry.version.max(stamp);
+    }
+    Ok(entry)
 }
 
 /// The lease expiry of the outbox entry of `id`, kept in the entry's `updated`.

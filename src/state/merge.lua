@@ -13,19 +13,25 @@
 -- ARGV[3]  TTL of an incomplete item, ms (a backstop: the orphan sweep acts first)
 -- ARGV[4]  TTL of a completed item's record, ms
 -- ARGV[5]  the lease of a new outbox entry: until then, only this caller sends it
--- ARGV[6]  n, the number of part types; ARGV[7 .. 6+n] the types
--- ARGV[7+n ..] per part to write: type, stamp, vector, metadata ('' for none)
+-- ARGV[6]  '1' when a newer copy for a completed item updates its document (late_parts)
+-- ARGV[7]  n, the number of part types; ARGV[8 .. 7+n] the types
+-- ARGV[8+n ..] per part to write: type, stamp, vector, metadata ('' for none)
 --
 -- A copy no newer than the one known is skipped: re-applying a merge whose reply was lost
 -- changes nothing, and an old copy never replaces a newer one or revives a completed one.
 -- Returns 0 when nothing became complete, else the completed item (flat field/value array,
 -- with `_v` its version) after moving it to the outbox; the record stays.
+--
+-- With updates on, newer copies for a remembered completed item go to its outbox entry
+-- instead (made with `_update` = 1 if there is none; a completion waiting there takes them
+-- in), leased to the caller, and the entry is returned as for a completion.
 local item, outbox = KEYS[1], KEYS[2]
-local id, now, ttl, remember, lease, n = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], tonumber(ARGV[6])
-local first = 7 + n
+local id, now, ttl, remember, lease, update = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6] == '1'
+local n = tonumber(ARGV[7])
+local first = 8 + n
 -- Every part type's known stamp, and the last completion's version: one call.
 local asked, slot = {}, {}
-for i = 7, 6 + n do
+for i = 8, 7 + n do
   asked[#asked + 1] = 's:' .. ARGV[i]
   slot[ARGV[i]] = #asked
 end
@@ -54,11 +60,33 @@ end
 if #set == 0 then
   return 0
 end
+if update and done then
+  -- The item's document is indexed (or on its way): these copies update it.
+  local stamps, version = {}, tonumber(redis.call('HGET', outbox, '_v') or '0')
+  for i = 1, #set, 2 do
+    if string.sub(set[i], 1, 2) == 's:' then
+      stamps[#stamps + 1] = set[i]
+      stamps[#stamps + 1] = set[i + 1]
+      version = math.max(version, tonumber(set[i + 1]))
+    end
+  end
+  if redis.call('EXISTS', outbox) == 0 then
+    redis.call('HSET', outbox, '_update', '1')
+  end
+  redis.call('HSET', outbox, '_v', string.format('%d', version), unpack(set))
+  if #del > 0 then
+    redis.call('HDEL', outbox, unpack(del))
+  end
+  redis.call('HSET', item, unpack(stamps))
+  redis.call('PEXPIRE', item, remember)
+  redis.call('ZADD', KEYS[3], lease, id)
+  return redis.call('HGETALL', outbox)
+end
 redis.call('HSET', item, unpack(set))
 if #del > 0 then
   redis.call('HDEL', item, unpack(del))
 end
-for i = 7, 6 + n do
+for i = 8, 7 + n do
   if not wrote[ARGV[i]] and redis.call('HEXISTS', item, ARGV[i]) == 0 then
     redis.call('PEXPIRE', item, ttl)
     redis.call('ZADD', KEYS[4], now, id)

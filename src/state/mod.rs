@@ -93,6 +93,8 @@ pub(crate) struct StoredEntry {
     pub metadata: Vec<Option<Metadata>>,
     pub version: u64,
     pub orphan: Option<OrphanKind>,
+    /// An update of a completed item's indexed document (only some parts present).
+    pub update: bool,
     /// The first field that could not be read, if any: the entry is then unreadable.
     pub error: Option<String>,
 }
@@ -132,7 +134,7 @@ impl StoredEntry {
         if let Some(reason) = self.error {
             return Err(StateError::Protocol(reason));
         }
-        if self.orphan.is_none() {
+        if self.orphan.is_none() && !self.update {
             if let Some(slot) = self.vectors.iter().position(Option::is_none) {
                 return Err(StateError::Protocol(format!("{id}: completed without {}", schema.part(slot).type_name)));
             }
@@ -146,6 +148,7 @@ impl StoredEntry {
             received_at: std::time::Instant::now(),
             origin: Origin::Outbox,
             orphan: self.orphan,
+            update: self.update,
             acks: Vec::new(),
         })
     }

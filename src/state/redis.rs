@@ -28,7 +28,7 @@ use super::{
     Completion, DeadLetter, LetterCap, LetterCursor, MergeOutcome, StateError, StoredEntry, StoredItem, StoredLetter,
     Swept,
 };
-use crate::config::{RedisSettings, StateSettings};
+use crate::config::{LatePartsAction, RedisSettings, StateSettings};
 use crate::model::document::{OrphanKind, Partial};
 use crate::model::{Document, Schema};
 
@@ -40,6 +40,8 @@ const META_PREFIX: &str = "m:";
 const VERSION_FIELD: &str = "_v";
 /// Field that marks an outbox entry made of an orphan's parts.
 const ORPHAN_FIELD: &str = "_orphan";
+/// Marks an outbox entry that updates some parts of an indexed document.
+const UPDATE_FIELD: &str = "_update";
 /// Items per script call that takes many (confirm).
 const CHUNK: usize = 500;
 
@@ -69,6 +71,8 @@ pub struct RedisStore {
     backstop_ttl_ms: u64,
     /// TTL of a completed item's record.
     remember_ms: u64,
+    /// Newer copies for a remembered completed item update its document (late_parts).
+    late_updates: bool,
     /// Makes the epoch marker unique to this store handle.
     instance: u64,
     /// The epoch marker's value this store wrote; `None` until written.
@@ -113,6 +117,7 @@ impl RedisStore {
             prefix: settings.key_prefix.clone(),
             backstop_ttl_ms: ms(settings.partial_ttl) * 2,
             remember_ms: ms(state.remember_completed).max(1),
+            late_updates: state.late_parts == LatePartsAction::Update,
             instance: rand::random(),
             epoch: Arc::new(std::sync::Mutex::new(None)),
             dead_letter_key: format!("{}{}", settings.key_prefix, settings.dead_letter_key),
@@ -225,6 +230,7 @@ impl RedisStore {
         let cmd = pipe.cmd("EVALSHA").arg(self.scripts.merge.get_hash()).arg(4);
         cmd.arg(self.item_key(id)).arg(self.outbox_key(id)).arg(self.outbox_index()).arg(self.partial_index());
         cmd.arg(id).arg(now_ms()).arg(self.backstop_ttl_ms).arg(self.remember_ms).arg(lease_until);
+        cmd.arg(if self.late_updates { "1" } else { "0" });
         cmd.arg(parts.len());
         for part in parts {
             cmd.arg(&part.type_name);
@@ -248,9 +254,11 @@ impl RedisStore {
         let mut pipe = redis::pipe();
         for completion in done {
             let version = completion.stamps.iter().copied().max().unwrap_or(0);
-            let cmd = pipe.cmd("EVALSHA").arg(self.scripts.remember.get_hash()).arg(2);
+            let cmd = pipe.cmd("EVALSHA").arg(self.scripts.remember.get_hash()).arg(4);
             cmd.arg(self.item_key(&completion.id)).arg(self.partial_index());
+            cmd.arg(self.outbox_key(&completion.id)).arg(self.outbox_index());
             cmd.arg(&completion.id).arg(self.remember_ms).arg(version);
+            cmd.arg(if self.late_updates { "1" } else { "0" }).arg(now_ms());
             for (part, stamp) in self.schema.parts().iter().zip(&completion.stamps) {
                 cmd.arg(&part.type_name).arg(stamp);
             }
@@ -451,6 +459,8 @@ impl RedisStore {
             let number = || std::str::from_utf8(&value).ok().and_then(|v| v.parse::<u64>().ok());
             if field == VERSION_FIELD {
                 entry.version = number().unwrap_or_else(|| entry.fail(format!("{id}: its version is not a number")));
+            } else if field == UPDATE_FIELD {
+                entry.update = true;
             } else if field == ORPHAN_FIELD {
                 entry.orphan = Some(if value.as_slice() == b"late" { OrphanKind::Late } else { OrphanKind::Partial });
             } else if let Some(type_name) = field.strip_prefix(STAMP_PREFIX) {

@@ -23,8 +23,9 @@ fn output_lines(dir: &Path) -> Vec<String> {
 
 /// The source line of `id`'s operation, once it is in the output.
 fn source_of(lines: &[String], id: &str) -> Option<Value> {
-    let at = lines.iter().position(|l| serde_json::from_str::<Value>(l).is_ok_and(|v| v["index"]["_id"] == id))?;
-    serde_json::from_str(lines.get(at + 1)?).ok()
+    let at = lines.iter().position(|l| serde_json::from_str::<Value>(l).is_ok_and(|v| v["update"]["_id"] == id))?;
+    let body: Value = serde_json::from_str(lines.get(at + 1)?).ok()?;
+    Some(body["script"]["params"]["d"].clone())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -53,15 +54,19 @@ async fn the_defaults_join_parts_into_a_bulk_file_with_no_server() {
     assert!(source["completed_at"].is_string());
     app.stop().await.unwrap();
 
-    // After shutdown the file is a valid `_bulk` body: action and source lines in pairs,
-    // the document exactly once.
+    // After shutdown the file is a valid `_bulk` body: action and body lines in pairs, the
+    // document exactly once, as the guarded upsert (`state.late_parts = "update"`): loaded
+    // later, each part is written only if newer than the one indexed.
     let lines = output_lines(&out);
     assert_eq!(lines.len(), 2, "{lines:?}");
     let action: Value = serde_json::from_str(&lines[0]).unwrap();
-    assert_eq!(action["index"]["_id"], "sku-1");
-    assert_eq!(action["index"]["version_type"], "external_gte", "a later load keeps the newest version");
-    assert!(action["index"]["version"].as_u64().is_some_and(|v| v > 0));
-    assert_eq!(serde_json::from_str::<Value>(&lines[1]).unwrap(), source);
+    assert_eq!(action["update"]["_id"], "sku-1");
+    let body: Value = serde_json::from_str(&lines[1]).unwrap();
+    assert_eq!(body["scripted_upsert"], true);
+    assert_eq!(body["upsert"], serde_json::json!({}));
+    assert_eq!(body["script"]["source"], embedjoin::sink::encode::MERGE_SCRIPT);
+    assert!(source["_parts"]["EMBEDDINGS_TEXT"].as_u64().is_some_and(|v| v > 0), "{source}");
+    assert!(source["_parts"]["EMBEDDINGS_IMAGE"].as_u64().is_some_and(|v| v > 0), "{source}");
     assert!(std::fs::read(out.join("embedjoin-000001.ndjson")).unwrap().ends_with(b"\n"));
     assert!(dir.path().join("data").join("embedjoin.db").exists(), "the state store is on disk");
 }

@@ -7,7 +7,7 @@ use std::time::{Instant, SystemTime};
 use bytes::{Bytes, BytesMut};
 use embedjoin::config::{FileSettings, PartSettings, VectorEncoding};
 use embedjoin::model::{Document, Schema};
-use embedjoin::sink::encode::encode_index_op;
+use embedjoin::sink::encode::{encode_op, Action};
 use embedjoin::sink::file::{file_name, FileSink};
 
 fn schema() -> Schema {
@@ -31,9 +31,10 @@ fn body(ids: &[&str]) -> Bytes {
             received_at: Instant::now(),
             origin: embedjoin::model::document::Origin::Memory,
             orphan: None,
+            update: false,
             acks: Vec::new(),
         };
-        encode_index_op(&mut buf, &doc, &schema, VectorEncoding::Array);
+        encode_op(&mut buf, &doc, &schema, VectorEncoding::Array, Action::Index);
     }
     buf.freeze()
 }

@@ -5,7 +5,7 @@
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
-use embedjoin::config::StateBackend;
+use embedjoin::config::{LatePartsAction, StateBackend};
 use embedjoin::model::document::{Origin, OrphanKind, Partial};
 use embedjoin::model::{stamp, Document, Metadata, Schema};
 use embedjoin::state::{Completion, DeadLetter, MergeOutcome, StateStore, StoredItem, Swept};
@@ -149,9 +149,14 @@ async fn merge_persists_then_completes_exactly_once(kind: StateBackend) {
     assert_eq!(doc.version(), doc.stamps[IMAGE], "the version is the newest part's stamp");
     let stored = a.inspect("x").await.unwrap();
     assert_eq!((stored.partial, stored.in_outbox, stored.completed), (0, true, Some(doc.version())));
-    // A newer part arriving after completion starts a new partial; it does not complete again.
-    assert_persisted(merge_one(&a, one("x", IMAGE, 1, None)).await);
-    assert_eq!(a.inspect("x").await.unwrap().partial, 0b10);
+    // A newer part arriving after completion, while the completion waits in the outbox:
+    // the completion takes it in (late_parts = "update", the default); it never completes
+    // again by itself.
+    let again = completed(merge_one(&a, one("x", IMAGE, 1, None)).await);
+    assert!(!again.update, "still the whole document");
+    assert_eq!(again.vectors, vec![part_vector("x", TEXT, 0), part_vector("x", IMAGE, 1)]);
+    assert!(again.version() > doc.version());
+    assert_eq!(a.inspect("x").await.unwrap().partial, 0);
 
     // Both parts of 100 items through two stores at once: each completes exactly once.
     let ids: Vec<String> = (0..100).map(|i| format!("sku-{i}")).collect();
@@ -234,7 +239,8 @@ fn clone_partial(p: &Partial) -> Partial {
 }
 
 async fn a_completion_in_memory_drops_older_stored_copies(kind: StateBackend) {
-    let backend = Backend::start(kind).await;
+    let mut backend = Backend::start(kind).await;
+    backend.settings.state.late_parts = LatePartsAction::NewItem; // a newer copy waits
     let (a, b) = backend.two_stores().await;
     // Issue scenario: TEXT v1 stored; then TEXT v2 + IMAGE complete in memory elsewhere.
     assert_persisted(merge_one(&a, one("x", TEXT, 1, None)).await);
@@ -259,7 +265,8 @@ async fn a_completion_in_memory_drops_older_stored_copies(kind: StateBackend) {
 }
 
 async fn settling_a_version_removes_it_and_older_entries_only(kind: StateBackend) {
-    let backend = Backend::start(kind).await;
+    let mut backend = Backend::start(kind).await;
+    backend.settings.state.late_parts = LatePartsAction::NewItem; // completions again and again
     let (a, b) = backend.two_stores().await;
     let doc = complete(&a, "x").await;
     b.confirm(&[("x".into(), doc.version() - 1)]).await.unwrap();
@@ -359,7 +366,8 @@ async fn the_orphan_sweep_takes_only_old_incomplete_items(kind: StateBackend) {
 }
 
 async fn swept_orphans_to_deliver_go_through_the_outbox(kind: StateBackend) {
-    let backend = Backend::start(kind).await;
+    let mut backend = Backend::start(kind).await;
+    backend.settings.state.late_parts = LatePartsAction::NewItem; // a late part waits as a partial
     let store = backend.open().await;
     let done = complete(&store, "late").await;
     store.confirm(&[("late".into(), done.version())]).await.unwrap();
@@ -380,6 +388,50 @@ async fn swept_orphans_to_deliver_go_through_the_outbox(kind: StateBackend) {
     let resent = found(store.claim_outbox(lease, 10).await.unwrap());
     assert_eq!(resent.len(), 2, "an unsettled orphan is resent like any document");
     assert!(resent.iter().all(|d| d.orphan.is_some()));
+}
+
+async fn later_copies_of_a_completed_item_update_its_document(kind: StateBackend) {
+    let backend = Backend::start(kind).await;
+    let (a, b) = backend.two_stores().await;
+    let done = complete(&a, "x").await;
+    a.confirm(&[("x".into(), done.version())]).await.unwrap();
+    // A newer TEXT: an update of the indexed document, TEXT only, leased to the caller.
+    let update = completed(merge_one(&b, one("x", TEXT, 1, meta(json!({"title": "new"})))).await);
+    assert!(update.update && update.orphan.is_none());
+    assert_eq!(update.vectors, vec![part_vector("x", TEXT, 1), vec![]]);
+    assert_eq!(update.metadata.clone().map(Value::Object), Some(json!({"title": "new"})));
+    assert_eq!(update.version(), update.stamps[TEXT]);
+    let stored = a.inspect("x").await.unwrap();
+    assert_eq!((stored.partial, stored.in_outbox, stored.completed), (0, true, Some(done.version())));
+    assert!(a.claim_outbox(LEASE, 10).await.unwrap().is_empty(), "leased to the caller");
+    // The same copy again (a lost reply), or an older one: nothing.
+    let older = one_at("x", TEXT, 7, update.stamps[TEXT] - 1, None);
+    assert_persisted(merge_one(&a, older).await);
+    let (_, mut same) = one("x", TEXT, 1, None);
+    same.stamps[TEXT] = update.stamps[TEXT];
+    assert_persisted(merge_one(&a, ("x".into(), same)).await);
+    // A newer IMAGE while the update waits: the update takes it in.
+    let both = completed(merge_one(&a, one("x", IMAGE, 2, None)).await);
+    assert!(both.update);
+    assert_eq!(both.vectors, vec![part_vector("x", TEXT, 1), part_vector("x", IMAGE, 2)]);
+    assert!(both.version() > update.version());
+    // Settling the first update leaves the newer one; settling that one leaves the record.
+    b.confirm(&[("x".into(), update.version())]).await.unwrap();
+    assert!(a.inspect("x").await.unwrap().in_outbox);
+    b.confirm(&[("x".into(), both.version())]).await.unwrap();
+    let stored = a.inspect("x").await.unwrap();
+    assert_eq!((stored.partial, stored.in_outbox, stored.completed), (0, false, Some(done.version())));
+
+    // A copy stored before a completion in memory was recorded, and newer than it: it
+    // updates that completion's document, due at once.
+    assert_persisted(merge_one(&a, one("y", TEXT, 3, None)).await);
+    b.remember(&[Completion { id: "y".into(), stamps: vec![1, 2] }]).await.unwrap();
+    let stored = a.inspect("y").await.unwrap();
+    assert_eq!((stored.partial, stored.in_outbox), (0, true));
+    let due = found(a.claim_outbox(LEASE, 10).await.unwrap());
+    assert_eq!(due.len(), 1);
+    assert!(due[0].update);
+    assert_eq!(due[0].vectors, vec![part_vector("y", TEXT, 3), vec![]]);
 }
 
 async fn dead_letters_are_appended(kind: StateBackend) {
@@ -436,6 +488,7 @@ for_each_backend!(
     parked_documents_wait_in_the_outbox_due_at_once,
     the_orphan_sweep_takes_only_old_incomplete_items,
     swept_orphans_to_deliver_go_through_the_outbox,
+    later_copies_of_a_completed_item_update_its_document,
     dead_letters_are_appended,
 );
 

@@ -4,7 +4,7 @@
 //! Redis ignores unknown hash fields).
 //!
 //! Layout, all integers little-endian: format `u8` (2), updated `u64` (ms), version `u64`
-//! (0: none), orphan `u8` (0 none, 1 partial, 2 late), part count `u16`, then per part:
+//! (0: none), kind `u8` (0 none, 1 orphan partial, 2 orphan late, 3 update), part count `u16`, then per part:
 //! name (`u16` length, bytes), stamp `u64`, vector (`u32` length or `u32::MAX` for none,
 //! f32 LE bytes), metadata JSON (`u32` length or `u32::MAX`).
 
@@ -36,6 +36,8 @@ pub struct Record {
     pub version: u64,
     /// For an outbox entry made of an orphan's parts.
     pub orphan: Option<OrphanKind>,
+    /// For an outbox entry that updates some parts of an indexed document.
+    pub update: bool,
     pub parts: Vec<StoredPart>,
 }
 
@@ -70,10 +72,11 @@ impl Record {
         out.push(FORMAT);
         out.extend_from_slice(&self.updated.to_le_bytes());
         out.extend_from_slice(&self.version.to_le_bytes());
-        out.push(match self.orphan {
-            None => 0,
-            Some(OrphanKind::Partial) => 1,
-            Some(OrphanKind::Late) => 2,
+        out.push(match (self.orphan, self.update) {
+            (None, false) => 0,
+            (Some(OrphanKind::Partial), _) => 1,
+            (Some(OrphanKind::Late), _) => 2,
+            (None, true) => 3,
         });
         out.extend_from_slice(&(self.parts.len() as u16).to_le_bytes());
         for part in &self.parts {
@@ -93,11 +96,12 @@ impl Record {
         }
         let updated = r.u64()?;
         let version = r.u64()?;
-        let orphan = match r.take(1)?[0] {
-            0 => None,
-            1 => Some(OrphanKind::Partial),
-            2 => Some(OrphanKind::Late),
-            _ => return Err(corrupt("orphan kind")),
+        let (orphan, update) = match r.take(1)?[0] {
+            0 => (None, false),
+            1 => (Some(OrphanKind::Partial), false),
+            2 => (Some(OrphanKind::Late), false),
+            3 => (None, true),
+            _ => return Err(corrupt("entry kind")),
         };
         let count = u16::from_le_bytes(r.take(2)?.try_into().expect("2 bytes"));
         let mut parts = Vec::with_capacity(count as usize);
@@ -112,7 +116,7 @@ impl Record {
         if !r.0.is_empty() {
             return Err(corrupt("trailing bytes"));
         }
-        Ok(Record { updated, version, orphan, parts })
+        Ok(Record { updated, version, orphan, update, parts })
     }
 }
 
@@ -161,7 +165,8 @@ mod tests {
 
     #[test]
     fn a_record_round_trips_and_a_truncated_one_is_an_error() {
-        let mut r = Record { updated: 42, version: 7, orphan: Some(OrphanKind::Late), parts: Vec::new() };
+        let mut r =
+            Record { updated: 42, version: 7, orphan: Some(OrphanKind::Late), update: false, parts: Vec::new() };
         r.set("T", 5, Some(vec![1, 2, 3, 4]), Some(b"{\"a\":1}".to_vec()));
         r.set("I", 7, None, None);
         let bytes = r.encode();

@@ -12,6 +12,8 @@ use super::es_standin::EsStandin;
 pub struct EsTarget {
     pub url: String,
     pub index: String,
+    /// Whether the cluster runs painless scripts (guarded updates need them).
+    pub painless: bool,
     standin: Option<EsStandin>,
     http: reqwest::Client,
 }
@@ -19,26 +21,57 @@ pub struct EsTarget {
 /// A stored document: how many times it was indexed, and its source.
 #[derive(Debug, Clone)]
 pub struct StoredDoc {
-    /// `_version`: embedjoin's external version (the newest part's stamp).
+    /// `_version`: with `state.late_parts = "new_item"` embedjoin's external version (the
+    /// newest part's stamp); with guarded updates, the engine's own count of writes.
     pub version: u64,
     /// `_seq_no` of its last write (one primary shard: it counts writes to the index).
     pub seq_no: u64,
     pub source: Value,
 }
 
+impl StoredDoc {
+    /// The stamp of each part, as the document records it (`_parts`).
+    pub fn stamp(&self, type_name: &str) -> Option<u64> {
+        self.source["_parts"][type_name].as_u64()
+    }
+
+    /// The newest stamp of its parts: the version of the completion it holds.
+    pub fn newest(&self) -> u64 {
+        let parts = self.source["_parts"].as_object();
+        parts.into_iter().flatten().filter_map(|(_, s)| s.as_u64()).max().unwrap_or(0)
+    }
+}
+
 impl EsTarget {
     pub async fn start() -> EsTarget {
         let index = format!("embedjoin-test-{:08x}", rand::random::<u32>());
         let http = reqwest::Client::new();
-        match std::env::var("EMBEDJOIN_TEST_ES_URL") {
+        let mut target = match std::env::var("EMBEDJOIN_TEST_ES_URL") {
             Ok(url) if !url.is_empty() => {
-                EsTarget { url: url.trim_end_matches('/').to_owned(), index, standin: None, http }
+                EsTarget { url: url.trim_end_matches('/').to_owned(), index, painless: true, standin: None, http }
             }
             _ => {
                 let standin = EsStandin::start().await;
-                EsTarget { url: standin.url(), index, standin: Some(standin), http }
+                EsTarget { url: standin.url(), index, painless: true, standin: Some(standin), http }
             }
+        };
+        target.painless = target.runs_painless().await;
+        target
+    }
+
+    /// Asks the cluster to run a painless script, as the service does at start.
+    async fn runs_painless(&self) -> bool {
+        let probe = serde_json::json!({"script": {"lang": "painless", "source": "params.x + 1", "params": {"x": 1}}});
+        let r = self.http.post(format!("{}/_scripts/painless/_execute", self.url)).json(&probe).send().await.unwrap();
+        r.status().is_success()
+    }
+
+    /// Whether a test of guarded updates can run here; says so when it cannot.
+    pub fn skip_without_painless(&self, test: &str) -> bool {
+        if !self.painless {
+            eprintln!("{test}: skipped: the cluster runs no painless scripts (guarded updates need them)");
         }
+        !self.painless
     }
 
     /// The stand-in, for fault injection; `None` against a real cluster (skip such tests).

@@ -208,6 +208,12 @@ impl EsStandin {
         self.shared.auto_create_index.store(on, Ordering::SeqCst);
     }
 
+    /// Whether painless scripts run (default true): off, the stand-in refuses every script
+    /// as a cluster without painless does, in `_bulk` updates and in the execute API.
+    pub fn set_painless(&self, on: bool) {
+        lock(&self.shared.state).painless = on;
+    }
+
     /// A stored document's `_source` (realtime).
     pub fn doc(&self, index: &str, id: &str) -> Option<Value> {
         let st = lock(&self.shared.state);
@@ -614,6 +620,9 @@ struct State {
     stats: Stats,
     requests: Vec<RequestRecord>,
     rng: Rng,
+    /// Whether painless scripts run (a cluster without the module, or with scripts
+    /// disabled, refuses them).
+    painless: bool,
 }
 
 struct Doc {
@@ -718,7 +727,13 @@ fn insert_dotted(map: &mut Map<String, Value>, key: &str, value: Value) {
 
 impl State {
     fn new() -> Self {
-        State { indices: BTreeMap::new(), stats: Stats::default(), requests: Vec::new(), rng: Rng::from_time() }
+        State {
+            indices: BTreeMap::new(),
+            stats: Stats::default(),
+            requests: Vec::new(),
+            rng: Rng::from_time(),
+            painless: true,
+        }
     }
 
     /// `PUT /{index}` (and auto-creation with `body == None`).
@@ -1751,6 +1766,7 @@ enum RouteKind {
     Doc(String, String),
     DocAutoId(String),
     Create(String, String),
+    PainlessExecute,
 }
 
 const GLOBAL_PARAMS: &[&str] = &["pretty", "human", "error_trace", "filter_path"];
@@ -1862,6 +1878,7 @@ fn route(req: &Request) -> Result<(RouteKind, &'static [&'static str]), Response
         ["_mget"] => (Mget(None), &["GET", "POST"], P_MGET),
         ["_count"] => (Count(None), &["GET", "POST"], P_COUNT),
         ["_mapping"] => (Mapping(None), &["GET"], P_MAPPING_GET),
+        ["_scripts", "painless", "_execute"] => (PainlessExecute, &["GET", "POST"], P_NONE),
         [first, ..] if first.starts_with('_') => return Err(no_handler(req)),
         [idx] => {
             let p = match m {
@@ -2197,6 +2214,7 @@ fn handle_sync(st: &mut State, req: &Request, kind: RouteKind, auto_create: bool
     let m = req.method.as_str();
     match kind {
         Root => Ok(if req.is_head() { Response::empty(200) } else { Response::json(200, cluster_info()) }),
+        PainlessExecute => painless_execute(st, req),
         Index(name) => match m {
             "HEAD" => {
                 let ok = resolve_indices(st, Some(&name), req).map(|v| !v.is_empty()).unwrap_or(false);
@@ -2699,7 +2717,9 @@ struct UpdateSpec {
     doc: Option<Map<String, Value>>,
     doc_as_upsert: bool,
     upsert: Option<Value>,
-    script: bool,
+    /// The `script` object, when the update has one.
+    script: Option<Value>,
+    scripted_upsert: bool,
     detect_noop: bool,
 }
 
@@ -2907,7 +2927,14 @@ fn parse_update(src: &[u8]) -> Result<UpdateSpec, Response> {
             Map::new(),
         ));
     };
-    let mut spec = UpdateSpec { doc: None, doc_as_upsert: false, upsert: None, script: false, detect_noop: true };
+    let mut spec = UpdateSpec {
+        doc: None,
+        doc_as_upsert: false,
+        upsert: None,
+        script: None,
+        scripted_upsert: false,
+        detect_noop: true,
+    };
     let field_err = |k: &str| {
         Response::es_error(
             400,
@@ -2936,10 +2963,8 @@ fn parse_update(src: &[u8]) -> Result<UpdateSpec, Response> {
             },
             "doc_as_upsert" => spec.doc_as_upsert = as_bool(k, v)?,
             "detect_noop" => spec.detect_noop = as_bool(k, v)?,
-            "scripted_upsert" => {
-                as_bool(k, v)?;
-            }
-            "script" => spec.script = true,
+            "scripted_upsert" => spec.scripted_upsert = as_bool(k, v)?,
+            "script" => spec.script = Some(v.clone()),
             "_source" => {}
             other => {
                 return Err(Response::es_error(
@@ -2980,7 +3005,7 @@ fn validate_ops(ops: &[BulkOp], path_index: Option<&str>) -> Result<(), Response
                     errors.push("id is missing".into());
                 }
                 let spec = op.update.as_ref().unwrap();
-                if spec.doc.is_none() && !spec.script {
+                if spec.doc.is_none() && spec.script.is_none() {
                     errors.push("script or doc is missing".into());
                 }
                 if op.version.is_some() {
@@ -3182,6 +3207,7 @@ fn apply_op(
     auto_create: bool,
     injected: Option<u16>,
 ) -> ItemResult {
+    let painless = st.painless;
     let index = op.index.as_deref().or(default_index).expect("validated: index present").to_owned();
     if let Some(status) = injected {
         return item_failed(op, &index, op.id.as_deref(), status, injected_error(status, &index));
@@ -3260,17 +3286,57 @@ fn apply_op(
         OpType::Update => {
             let id = op.id.clone().unwrap();
             let spec = op.update.as_ref().unwrap();
-            if spec.script {
-                return item_failed(
-                    op,
-                    &index,
-                    Some(&id),
-                    400,
-                    json!({"type": "illegal_argument_exception", "reason": "es-standin: scripted updates are not supported by the stand-in"}),
-                );
-            }
             if let Err(e) = check_concurrency(ix, &index, &id, op) {
                 return item_failed(op, &index, Some(&id), 409, e);
+            }
+            if let Some(script) = &spec.script {
+                if !painless {
+                    let e = json!({
+                        "type": "illegal_argument_exception",
+                        "reason": "failed to execute script",
+                        "caused_by": {"type": "illegal_argument_exception", "reason": "script_lang not supported [painless]"}
+                    });
+                    return item_failed(op, &index, Some(&id), 400, e);
+                }
+                let params = match merge_script_params(script) {
+                    Ok(params) => params,
+                    Err(e) => return item_failed(op, &index, Some(&id), 400, e),
+                };
+                let (current, existed) = match ix.docs.get(&id) {
+                    Some(d) => (d.source.as_object().cloned().unwrap_or_default(), true),
+                    None if spec.scripted_upsert && spec.upsert.is_some() => {
+                        (spec.upsert.as_ref().and_then(Value::as_object).cloned().unwrap_or_default(), false)
+                    }
+                    None => match &spec.upsert {
+                        // Without scripted_upsert, the upsert document goes in as it is.
+                        Some(u) => {
+                            let (version, seq_no, _) = ix.put(&id, u.clone(), None);
+                            return item_ok(op.op, &index, &id, version, "created", seq_no, 201, true);
+                        }
+                        None => {
+                            let e = json!({
+                                "type": "document_missing_exception",
+                                "reason": format!("[{id}]: document missing"),
+                                "index_uuid": ix.uuid, "shard": "0", "index": index
+                            });
+                            return item_failed(op, &index, Some(&id), 404, e);
+                        }
+                    },
+                };
+                let Some(merged) = run_merge_script(current, &params) else {
+                    let d = ix.docs.get(&id).expect("a noop needs a document");
+                    return item_ok(op.op, &index, &id, d.version, "noop", d.seq_no, 200, false);
+                };
+                let new_source = Value::Object(merged);
+                let raw = serde_json::to_vec(&new_source).unwrap_or_default();
+                match check_mapping(&ix.mappings, &new_source, &id, &raw) {
+                    Ok(Some(m)) => ix.mappings = m,
+                    Ok(None) => {}
+                    Err(e) => return item_failed(op, &index, Some(&id), 400, e),
+                }
+                let (version, seq_no, _) = ix.put(&id, new_source, None);
+                let (result, status) = if existed { ("updated", 200) } else { ("created", 201) };
+                return item_ok(op.op, &index, &id, version, result, seq_no, status, true);
             }
             let doc = spec.doc.clone().unwrap_or_default();
             let (new_source, existed) = match ix.docs.get(&id) {
@@ -3323,6 +3389,100 @@ fn apply_op(
             }
         }
     }
+}
+
+/// `POST /_scripts/painless/_execute`: the stand-in evaluates only `params.x + 1` (the
+/// probe embedjoin runs at start) and refuses anything else; with painless off it answers
+/// as Elasticsearch without the module does.
+fn painless_execute(st: &State, req: &Request) -> Result<Response, Response> {
+    let body: Value = serde_json::from_slice(&req.body).map_err(|e| x_content_parse(&e))?;
+    if !st.painless {
+        return Err(Response::es_error(
+            400,
+            "illegal_argument_exception",
+            "must specify lang for stored script",
+            Map::new(),
+        ));
+    }
+    let script = &body["script"];
+    match (script["source"].as_str(), script["params"]["x"].as_i64()) {
+        (Some("params.x + 1"), Some(x)) => Ok(Response::json(200, json!({"result": (x + 1).to_string()}))),
+        _ => Err(Response::es_error(
+            400,
+            "illegal_argument_exception",
+            "es-standin: the execute API runs only `params.x + 1`",
+            Map::new(),
+        )),
+    }
+}
+
+/// The params of an update's script, if it is embedjoin's guarded merge: the only script the
+/// stand-in runs (it has no painless). Any other script is refused, as an engine refuses a
+/// script it cannot compile.
+fn merge_script_params(script: &Value) -> Result<Map<String, Value>, Value> {
+    let refuse =
+        |reason: &str| json!({"type": "illegal_argument_exception", "reason": format!("es-standin: {reason}")});
+    let lang = script.get("lang").and_then(Value::as_str).unwrap_or("painless");
+    if lang != "painless" {
+        return Err(refuse(&format!("script_lang not supported [{lang}]")));
+    }
+    if script.get("source").and_then(Value::as_str) != Some(embedjoin::sink::encode::MERGE_SCRIPT) {
+        return Err(refuse("the stand-in runs only embedjoin's merge script"));
+    }
+    let params = script.get("params").and_then(Value::as_object).cloned().unwrap_or_default();
+    if !params.get("d").is_some_and(|d| d["_parts"].is_object()) || !params.get("fields").is_some_and(Value::is_object)
+    {
+        return Err(json!({
+            "type": "script_exception",
+            "reason": "runtime error",
+            "caused_by": {"type": "null_pointer_exception", "reason": "params.d._parts or params.fields is missing"}
+        }));
+    }
+    Ok(params)
+}
+
+/// What [`embedjoin::sink::encode::MERGE_SCRIPT`] does to a document's source, in Rust:
+/// `None` for a `noop`.
+fn run_merge_script(mut src: Map<String, Value>, params: &Map<String, Value>) -> Option<Map<String, Value>> {
+    let (d, fields) = (params["d"].as_object().expect("checked"), params["fields"].as_object().expect("checked"));
+    let fresh = src.is_empty();
+    let mut have = src.get("_parts").and_then(Value::as_object).cloned().unwrap_or_default();
+    let mut applied = 0;
+    for (t, s) in d["_parts"].as_object().expect("checked") {
+        let newer = match have.get(t) {
+            None => true,
+            Some(h) => h.as_f64().unwrap_or(f64::NAN) < s.as_f64().unwrap_or(f64::NAN),
+        };
+        if !newer {
+            continue;
+        }
+        let field = fields.get(t).and_then(Value::as_str).unwrap_or_default();
+        src.insert(field.to_owned(), d.get(field).cloned().unwrap_or(Value::Null));
+        have.insert(t.clone(), s.clone());
+        applied += 1;
+        if let Some(Value::Array(missing)) = src.get_mut("missing_parts") {
+            missing.retain(|x| x.as_str() != Some(t));
+        }
+    }
+    if fresh || applied == fields.len() {
+        return Some(d.clone());
+    }
+    if applied == 0 {
+        return None;
+    }
+    src.insert("_parts".into(), Value::Object(have));
+    if matches!(src.get("missing_parts"), Some(Value::Array(m)) if m.is_empty()) {
+        src.remove("missing_parts");
+        src.remove("incomplete");
+    }
+    let vector_fields: HashSet<&str> = fields.values().filter_map(Value::as_str).collect();
+    for (k, v) in d {
+        let marker = k == "incomplete" || k == "missing_parts";
+        if !vector_fields.contains(k.as_str()) && k != "_parts" && !marker {
+            src.insert(k.clone(), v.clone());
+        }
+    }
+    Some(src)
 }
 
 struct InFlightGuard(Arc<Shared>);
