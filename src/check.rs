@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use clap::{Args, ValueEnum};
 
-use crate::config::{Settings, SinkBackend, StateBackend};
+use crate::config::{LatePartsAction, Settings, SinkBackend, StateBackend};
 use crate::model::Schema;
 use crate::secret::{redact_url, REDACTED};
 use crate::sink::elasticsearch::EsSink;
@@ -194,6 +194,20 @@ fn parse_version(v: &str) -> Option<(u32, u32)> {
 /// Builds the sink client as `serve` does, and pings it (for files: writes and removes a
 /// probe file, rather than start an empty output file).
 async fn check_sink(settings: &Settings, timeout: Duration) -> Result<String, String> {
+    let reached = check_sink_answers(settings, timeout).await?;
+    if settings.sink.backend != SinkBackend::Elasticsearch || settings.state.late_parts != LatePartsAction::Update {
+        return Ok(reached);
+    }
+    let es = EsSink::new(&settings.elasticsearch).map_err(|e| e.to_string())?;
+    match tokio::time::timeout(timeout, es.runs_painless()).await {
+        Ok(Ok(true)) => Ok(format!("{reached}; it runs painless scripts (state.late_parts = \"update\")")),
+        Ok(Ok(false)) => Err(crate::sink::NO_PAINLESS.into()),
+        Ok(Err(e)) => Ok(format!("{reached}; cannot tell whether it runs painless scripts ({e})")),
+        Err(_) => Ok(format!("{reached}; cannot tell whether it runs painless scripts (no answer)")),
+    }
+}
+
+async fn check_sink_answers(settings: &Settings, timeout: Duration) -> Result<String, String> {
     match settings.sink.backend {
         SinkBackend::Null => return Ok("null (documents are discarded; for benchmarks only)".into()),
         SinkBackend::File => return check_file_sink(&settings.file.dir),

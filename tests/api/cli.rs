@@ -79,7 +79,7 @@ async fn check_passes_against_real_backends_without_printing_secrets() {
     let mut conn = redis.connection().await;
     let () = redis::cmd("CONFIG").arg("SET").arg("requirepass").arg(password).query_async(&mut conn).await.unwrap();
     let url = format!("redis://:{password}@127.0.0.1:{}", redis.port);
-    let env: Vec<(&str, String)> = vec![
+    let mut env: Vec<(&str, String)> = vec![
         ("EMBEDJOIN__STATE__BACKEND", "redis".into()),
         ("EMBEDJOIN__SINK__BACKEND", "elasticsearch".into()),
         ("EMBEDJOIN__REDIS__URL", url),
@@ -88,6 +88,9 @@ async fn check_passes_against_real_backends_without_printing_secrets() {
         ("EMBEDJOIN__ELASTICSEARCH__PASSWORD", "es-s3cret-pw".into()),
         ("EMBEDJOIN__HTTP__AUTH_TOKEN", "token-s3cret".into()),
     ];
+    if !es.painless {
+        env.push(("EMBEDJOIN__STATE__LATE_PARTS", "new_item".into()));
+    }
     for format in ["toml", "json"] {
         let env = env.clone();
         // Off the runtime's thread: the Elasticsearch stand-in answers on it.
@@ -149,4 +152,37 @@ fn check_passes_with_the_serverless_defaults() {
     assert_eq!(printed["state"]["backend"], "embedded");
     // The probe file is gone: check leaves no output file behind.
     assert_eq!(std::fs::read_dir(&files).unwrap().count(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn updates_on_a_cluster_without_painless_are_refused_at_check_and_at_start() {
+    use super::support::app::test_settings;
+    use super::support::es::EsTarget;
+    use super::support::redis_server::RedisServer;
+
+    let (redis, es) = (RedisServer::start().await, EsTarget::start().await);
+    let Some(standin) = es.standin() else { return }; // the refusal is the stand-in's fault
+    standin.set_painless(false);
+    let env: Vec<(&str, String)> = vec![
+        ("EMBEDJOIN__STATE__BACKEND", "redis".into()),
+        ("EMBEDJOIN__SINK__BACKEND", "elasticsearch".into()),
+        ("EMBEDJOIN__REDIS__URL", redis.url()),
+        ("EMBEDJOIN__ELASTICSEARCH__URL", es.url.clone()),
+    ];
+    let (code, stdout, stderr) = tokio::task::spawn_blocking(move || {
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        run_full(&["check"], &env)
+    })
+    .await
+    .unwrap();
+    let all = format!("{stdout}\n{stderr}");
+    assert_ne!(code, 0, "{all}");
+    assert!(all.contains("refuses painless scripts") && all.contains("state.late_parts = \"new_item\""), "{all}");
+    // The service does not start either, with the same words; `new_item` starts.
+    let mut settings = test_settings(&redis, &es);
+    settings.state.late_parts = embedjoin::config::LatePartsAction::Update;
+    let error = format!("{:#}", embedjoin::Application::build(settings.clone()).await.err().expect("start refused"));
+    assert!(error.contains("refuses painless scripts"), "{error}");
+    settings.state.late_parts = embedjoin::config::LatePartsAction::NewItem;
+    assert!(embedjoin::Application::build(settings).await.is_ok());
 }

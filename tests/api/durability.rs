@@ -203,8 +203,7 @@ async fn a_killed_instance_leaves_every_acknowledged_item_recoverable_by_the_nex
     let (redis, es) = (RedisServer::start_with(true).await, EsTarget::start().await);
     let env = service_env(
         &redis.url(),
-        &es.url,
-        &es.index,
+        &es,
         &[
             ("EMBEDJOIN__DURABILITY__ACK", "persisted"),
             ("EMBEDJOIN__DURABILITY__OUTBOX_RESEND_AFTER", "1s"),
@@ -245,7 +244,7 @@ async fn a_killed_instance_leaves_every_acknowledged_item_recoverable_by_the_nex
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_mid_load_exits_cleanly_and_keeps_everything_acknowledged() {
     let (redis, es) = (RedisServer::start().await, EsTarget::start().await);
-    let env = service_env(&redis.url(), &es.url, &es.index, &[]);
+    let env = service_env(&redis.url(), &es, &[]);
     let service = ServiceProcess::start(&env).await;
     // Both parts of an item in one batch, so acknowledged items are complete ones.
     let ids: Vec<String> = (0..4_000).map(|i| format!("t-{i}")).collect();

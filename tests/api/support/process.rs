@@ -4,6 +4,8 @@
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
+use super::es::EsTarget;
+
 pub struct ServiceProcess {
     child: Option<Child>,
     pub address: String,
@@ -74,7 +76,8 @@ impl Drop for ServiceProcess {
 }
 
 /// The environment for a child service using this Redis and Elasticsearch index.
-pub fn service_env(redis_url: &str, es_url: &str, index: &str, extra: &[(&str, &str)]) -> Vec<(String, String)> {
+pub fn service_env(redis_url: &str, es: &EsTarget, extra: &[(&str, &str)]) -> Vec<(String, String)> {
+    let (es_url, index) = (&es.url, &es.index);
     let mut env = vec![
         // The defaults are embedded + file; these services use Redis and Elasticsearch.
         ("EMBEDJOIN__STATE__BACKEND".to_owned(), "redis".to_owned()),
@@ -87,6 +90,10 @@ pub fn service_env(redis_url: &str, es_url: &str, index: &str, extra: &[(&str, &
         ("EMBEDJOIN__ELASTICSEARCH__RETRY_INITIAL_BACKOFF".to_owned(), "10ms".to_owned()),
         ("EMBEDJOIN__ELASTICSEARCH__RETRY_MAX_BACKOFF".to_owned(), "200ms".to_owned()),
     ];
+    if !es.painless {
+        // As in `test_settings`: a cluster without painless takes no guarded updates.
+        env.push(("EMBEDJOIN__STATE__LATE_PARTS".to_owned(), "new_item".to_owned()));
+    }
     env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
     env
 }
