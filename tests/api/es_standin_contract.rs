@@ -63,7 +63,7 @@ fn real_engine_url() -> Option<String> {
 }
 
 /// Every index a contract test touches: removed before each test on a real engine.
-const CONTRACT_INDICES: &[&str] = &[INDEX, "auto", "other", "strict", "nosuchindex"];
+const CONTRACT_INDICES: &[&str] = &[INDEX, "auto", "other", "strict", "nosuchindex", "merge"];
 
 /// What a protocol test talks to: a fresh stand-in, or the real engine (its test indices
 /// removed first). Reads what is stored over HTTP on the engine, and through the
@@ -571,6 +571,108 @@ async fn es_standin_update_and_delete_semantics() {
     let (status, v) = json_of(post_bulk(&es, "/_bulk", body).await.unwrap()).await;
     assert_eq!(status, 400);
     assert_es_error(&v, 400, "x_content_parse_exception");
+}
+
+/// Whether the target runs painless scripts (the execute API answers).
+async fn runs_painless(es: &Es) -> bool {
+    let probe = json!({"script": {"lang": "painless", "source": "params.x + 1", "params": {"x": 1}}});
+    let r = client().post(format!("{}/_scripts/painless/_execute", es.url())).json(&probe).send().await.unwrap();
+    let ok = r.status().is_success();
+    if ok {
+        assert_eq!(json_of(r).await.1, json!({"result": "2"}));
+    }
+    ok
+}
+
+/// One guarded write of embedjoin's merge script (as `sink::encode` writes it) for `d`.
+fn merge_op(id: &str, d: Value, upsert: bool) -> [Value; 2] {
+    let mut body = json!({"script": {"lang": "painless", "source": embedjoin::sink::encode::MERGE_SCRIPT,
+        "params": {"fields": {"T": "t", "I": "i"}, "d": d}}});
+    if upsert {
+        body["scripted_upsert"] = json!(true);
+        body["upsert"] = json!({});
+    }
+    [json!({"update": {"_index": "merge", "_id": id, "retry_on_conflict": 5}}), body]
+}
+
+/// (status, result or error type) of each item.
+fn outcomes(v: &Value) -> Vec<(u64, String)> {
+    (v["items"].as_array().expect("items").iter())
+        .map(|it| {
+            let r = it.as_object().unwrap().values().next().unwrap();
+            let what = r["result"].as_str().or(r["error"]["type"].as_str()).unwrap_or_default();
+            (r["status"].as_u64().unwrap(), what.to_owned())
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn es_standin_guarded_merge_writes_each_part_only_if_newer() {
+    let es = Es::start().await;
+    if !runs_painless(&es).await {
+        eprintln!("skipped: the engine runs no painless scripts");
+        return;
+    }
+    let parts_unindexed = json!({"mappings": {"properties": {"_parts": {"type": "object", "enabled": false}}}});
+    es.create_index("merge", parts_unindexed).await.expect("index created");
+    let full = json!({"id": "a", "t": [1.0], "i": [2.0], "_parts": {"T": 10, "I": 20},
+                      "completed_at": "2026-01-01T00:00:00Z", "lang": "en"});
+    let create = json!({"create": {"_index": "merge", "_id": "a"}});
+    let newer_t =
+        json!({"id": "a", "t": [3.0], "_parts": {"T": 30}, "completed_at": "2026-01-02T00:00:00Z", "title": "x"});
+    let older_t = json!({"id": "a", "t": [0.5], "_parts": {"T": 25}, "completed_at": "2026-01-03T00:00:00Z"});
+    let mut lines = vec![create.clone(), full.clone(), create, full.clone()];
+    lines.extend(merge_op("a", full.clone(), false));
+    lines.extend(merge_op("a", newer_t.clone(), false));
+    lines.extend(merge_op("a", older_t, false));
+    lines.extend(merge_op("missing", newer_t, false));
+    let (status, v) = json_of(post_bulk(&es, "/_bulk?refresh=true", ndjson(&lines)).await.unwrap()).await;
+    assert_eq!(status, 200);
+    let want = [(201, "created"), (409, "version_conflict_engine_exception"), (200, "noop"), (200, "updated")];
+    let want = want.iter().chain(&[(200, "noop"), (404, "document_missing_exception")]);
+    assert_eq!(outcomes(&v), want.map(|(s, r)| (*s, r.to_string())).collect::<Vec<_>>());
+    // The newer TEXT and its metadata went in; the older one did not; IMAGE stayed.
+    assert_eq!(
+        es.doc("merge", "a").await.unwrap(),
+        json!({"id": "a", "t": [3.0], "i": [2.0], "_parts": {"T": 30, "I": 20},
+               "completed_at": "2026-01-02T00:00:00Z", "lang": "en", "title": "x"})
+    );
+
+    // An upsert of an orphan creates it as it is, markers included; the missing part later
+    // completes it and the markers go.
+    let orphan = json!({"id": "o", "t": [1.0], "_parts": {"T": 5}, "incomplete": true, "missing_parts": ["I"],
+                        "completed_at": "2026-01-04T00:00:00Z"});
+    let image = json!({"id": "o", "i": [9.0], "_parts": {"I": 6}, "completed_at": "2026-01-05T00:00:00Z"});
+    // Every part newer: the document is replaced as a newer completion would.
+    let replace = json!({"id": "a", "t": [7.0], "i": [8.0], "_parts": {"T": 40, "I": 41}, "completed_at": "2026-01-06T00:00:00Z"});
+    let mut lines = merge_op("o", orphan.clone(), true).to_vec();
+    lines.extend(merge_op("o", image, false));
+    lines.extend(merge_op("a", replace.clone(), false));
+    let (_, v) = json_of(post_bulk(&es, "/_bulk?refresh=true", ndjson(&lines)).await.unwrap()).await;
+    let want = [(201, "created"), (200, "updated"), (200, "updated")];
+    assert_eq!(outcomes(&v), want.map(|(s, r)| (s, r.to_string())).to_vec());
+    assert_eq!(
+        es.doc("merge", "o").await.unwrap(),
+        json!({"id": "o", "t": [1.0], "i": [9.0], "_parts": {"T": 5, "I": 6}, "completed_at": "2026-01-05T00:00:00Z"})
+    );
+    assert_eq!(es.doc("merge", "a").await.unwrap(), replace, "no metadata of the replaced document stays");
+}
+
+#[tokio::test]
+async fn es_standin_without_painless_refuses_scripts_as_an_engine_without_it() {
+    let es = Es::start().await;
+    match es.standin() {
+        Some(standin) => standin.set_painless(false),
+        None if runs_painless(&es).await => return eprintln!("skipped: the engine runs painless"),
+        None => {}
+    }
+    assert!(!runs_painless(&es).await);
+    let full = json!({"id": "a", "t": [1.0], "_parts": {"T": 10}});
+    let mut lines = vec![json!({"index": {"_index": "merge", "_id": "a"}}), full.clone()];
+    lines.extend(merge_op("a", full, false));
+    let (status, v) = json_of(post_bulk(&es, "/_bulk", ndjson(&lines)).await.unwrap()).await;
+    assert_eq!(status, 200);
+    assert_eq!(outcomes(&v), vec![(201, "created".to_owned()), (400, "illegal_argument_exception".to_owned())]);
 }
 
 #[tokio::test]

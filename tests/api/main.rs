@@ -12,6 +12,7 @@ mod instances;
 mod interleavings;
 mod operate;
 mod overload;
+mod reembedding;
 mod semantics;
 mod sink_contract;
 mod state_contract;
