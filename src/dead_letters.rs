@@ -231,6 +231,13 @@ fn settled(status: &ItemStatus) -> Option<bool> {
 
 const PARTS_KEY: &[u8] = b"\"_parts\":{";
 
+/// Whether a letter's document updates some parts of an indexed one: it lacks a configured
+/// part and is not an orphan (which says `incomplete`).
+fn is_update(letter: &DeadLetter, schema: &Schema) -> bool {
+    let Ok(doc) = serde_json::from_slice::<serde_json::Value>(&letter.document) else { return false };
+    doc.get("incomplete").is_none() && schema.parts().iter().any(|p| doc.get(&p.field).is_none())
+}
+
 /// One operation for the document as it was sent, `_id` = the letter's id. With
 /// `late_parts = "update"` and a document that carries its parts' stamps: the guarded
 /// upsert, which writes each part only if newer than the indexed one. Otherwise an `index`
@@ -238,7 +245,9 @@ const PARTS_KEY: &[u8] = b"\"_parts\":{";
 fn encode(body: &mut BytesMut, letter: &DeadLetter, schema: &Schema, guarded: bool) {
     let has_stamps = letter.document.windows(PARTS_KEY.len()).any(|w| w == PARTS_KEY);
     if guarded && has_stamps {
-        let (op, _) = reencode(&letter.id, letter.version.unwrap_or(0), &letter.document, schema, Action::Upsert);
+        // An update of some parts never creates a document of them alone.
+        let action = if is_update(letter, schema) { Action::Merge } else { Action::Upsert };
+        let (op, _) = reencode(&letter.id, letter.version.unwrap_or(0), &letter.document, schema, action);
         body.put_slice(&op);
         return;
     }
@@ -271,6 +280,28 @@ mod tests {
             at: SystemTime::UNIX_EPOCH + std::time::Duration::from_millis(1_732_870_000_123),
             version,
         }
+    }
+
+    #[test]
+    fn guarded_replays_never_create_a_document_of_an_update_alone() {
+        let schema = Schema::new(&crate::config::Settings::defaults().parts);
+        let with = |document: &'static str| DeadLetter {
+            document: Bytes::from_static(document.as_bytes()),
+            ..letter(Some(7))
+        };
+        let update = with(r#"{"id":"a","text_embedding":[0.5],"_parts":{"EMBEDDINGS_TEXT":7}}"#);
+        let whole = with(
+            r#"{"id":"a","text_embedding":[0.5],"image_embedding":[0.5],"_parts":{"EMBEDDINGS_TEXT":7,"EMBEDDINGS_IMAGE":6}}"#,
+        );
+        let (mut a, mut b) = (BytesMut::new(), BytesMut::new());
+        encode(&mut a, &update, &schema, true);
+        encode(&mut b, &whole, &schema, true);
+        let body = |buf: &BytesMut| -> serde_json::Value {
+            serde_json::from_str(std::str::from_utf8(buf).unwrap().lines().nth(1).unwrap()).unwrap()
+        };
+        assert!(body(&a).get("scripted_upsert").is_none(), "an update of some parts: a 404 keeps the letter");
+        assert_eq!(body(&b)["scripted_upsert"], true, "a whole document is created if missing");
+        assert_eq!(body(&a)["script"]["params"]["d"]["_parts"]["EMBEDDINGS_TEXT"], 7);
     }
 
     #[test]

@@ -52,11 +52,10 @@ pub struct Context {
     pub max_bytes: usize,
     /// Which action writes which document.
     pub writes: Writes,
+    /// How long an update waits for its document to appear (its completion may still be on
+    /// its way) before it is dead-lettered as missing: `durability.outbox_resend_after`.
+    pub missing_grace: std::time::Duration,
 }
-
-/// How long a guarded update waits for its document to appear (a completion that is still
-/// on its way to the index) before it is settled as missing.
-const MISSING_GRACE: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Which action writes a document, from `state.late_parts` and the sink.
 #[derive(Debug, Clone, Copy)]
@@ -268,11 +267,11 @@ fn sort_items(ctx: &Context, docs: Vec<Encoded>, statuses: Vec<crate::sink::Item
                 again.push(doc);
             }
             // Its document may still be on its way (a completion in another request).
-            Verdict::Missing if started.elapsed() < MISSING_GRACE => again.push(doc),
+            Verdict::Missing if started.elapsed() < ctx.missing_grace => again.push(doc),
             Verdict::Missing => {
                 let reason = format!(
-                    "no document {} in the index to update (deleted, or never indexed) after {MISSING_GRACE:?}",
-                    doc.id
+                    "no document {} in the index to update (deleted, or never indexed) after {:?}",
+                    doc.id, ctx.missing_grace
                 );
                 let letter = letter(&doc, Some(item.status), error_type, reason, 1);
                 letters.push((doc, letter));

@@ -111,6 +111,7 @@ impl BulkWriter {
             rx,
             ctx: Arc::new(Context {
                 writes: Writes::new(settings.state.late_parts, &sink),
+                missing_grace: settings.durability.outbox_resend_after,
                 sink,
                 policy: RetryPolicy::new(es),
                 store,

@@ -186,3 +186,30 @@ async fn an_id_no_longer_remembered_starts_a_new_item() {
     wait_for_all(&es, &ids, |id, d| has(d, id, TEXT, 1) && has(d, id, IMAGE, 1), "replaced").await;
     app.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_update_of_a_deleted_document_is_dead_lettered_never_indexed_alone() {
+    let (redis, es) = (RedisServer::start().await, EsTarget::start().await);
+    if es.skip_without_painless("an update of a deleted document") {
+        return;
+    }
+    let mut s = test_settings(&redis, &es);
+    s.shards.flush_interval = Duration::from_millis(20);
+    // An update waits as long as a lease for its document (its completion may be on its way).
+    s.durability.outbox_resend_after = Duration::from_millis(500);
+    s.durability.maintenance_interval = Duration::from_millis(100);
+    let app = spawn_app(s).await;
+    let ids = vec!["gone".to_owned()];
+    app.post_json(&json!({"embeddings": [copy("gone", TEXT, 384, 0), copy("gone", IMAGE, 512, 0)]})).await;
+    wait_for_all(&es, &ids, |_, _| true, "indexed").await;
+    let url = format!("{}/{}/_doc/gone?refresh=true", es.url, es.index);
+    assert!(reqwest::Client::new().delete(url).send().await.unwrap().status().is_success());
+    app.post_json(&json!({"embeddings": [copy("gone", TEXT, 384, 1)]})).await;
+    let letters = redis.wait_for_dead_letters().await;
+    assert_eq!(letters.len(), 1, "{letters:?}");
+    assert_eq!(letters[0]["error_type"], "document_missing_exception", "{}", letters[0]);
+    assert_eq!(letters[0]["status"], 404);
+    assert!(es.doc("gone").await.is_none(), "an update never indexes its parts alone");
+    app.stop().await.unwrap();
+    assert_eq!(redis_keys(&redis).await, vec!["embedjoin:deadletter".to_owned()], "no outbox entry stays");
+}
