@@ -122,7 +122,7 @@ async fn a_full_embedded_store_drops_its_oldest_letters_and_counts_them() {
 /// Runs `embedjoin dead-letters ARGS` against this Redis and index; returns the exit code,
 /// stdout lines and stderr.
 async fn dead_letters(redis: &RedisServer, es: &EsTarget, args: &[&str]) -> (i32, Vec<String>, String) {
-    let env = service_env(&redis.url(), &es, &[]);
+    let env = service_env(&redis.url(), es, &[]);
     let args: Vec<String> = ["dead-letters"].iter().chain(args).map(|s| s.to_string()).collect();
     let output = tokio::task::spawn_blocking(move || {
         Command::new(env!("CARGO_BIN_EXE_embedjoin"))
