@@ -189,6 +189,9 @@ pub struct RedisSettings {
     pub partial_ttl: Duration,
     /// List (under the prefix) that receives dead-lettered documents.
     pub dead_letter_key: String,
+    /// How many hashes share the records of completed items, per generation (see
+    /// `state::records`): a hash stays compact up to Redis's `hash-max-listpack-entries`.
+    pub record_buckets: u32,
     #[serde(with = "humantime_serde")]
     pub response_timeout: Duration,
     #[serde(with = "humantime_serde")]
@@ -485,6 +488,9 @@ impl Settings {
         }
         if self.redis.key_prefix.contains(['{', '}']) {
             return Err(invalid("redis.key_prefix", "must not contain `{` or `}` (they delimit the cluster hash tag)"));
+        }
+        if !(1..=1 << 20).contains(&self.redis.record_buckets) {
+            return Err(invalid("redis.record_buckets", "must be between 1 and 1048576"));
         }
         if self.redis.partial_ttl < Duration::from_secs(1) {
             return Err(invalid("redis.partial_ttl", "must be at least 1s"));

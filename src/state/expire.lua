@@ -1,9 +1,11 @@
 -- Sweeps an orphan: parts that waited longer than the partial TTL for the others.
+-- (record.lua comes first.)
 --
 -- KEYS[1]  the item's hash          KEYS[2]  the partial index
 -- KEYS[3]  the item's outbox hash   KEYS[4]  the outbox index
+-- KEYS[5..7]  the record hashes of the item's bucket: previous, current, next generation
 -- ARGV[1]  the item id              ARGV[2]  the deadline, ms (updated since: not an orphan)
--- ARGV[3]  TTL of a completed item's record, ms
+-- ARGV[3]  the record fingerprint
 -- ARGV[4]  '' to drop the orphan, or the lease end (ms) of its outbox entry, to deliver it
 -- ARGV[5]  n, the number of part types; ARGV[6 .. 5+n] the types
 --
@@ -11,7 +13,8 @@
 -- completion of it waits in the outbox: then it is swept later); else its pending parts
 -- as a flat field/value array, with `_v` their largest stamp and `_orphan` = `partial`, or
 -- `late` if the item completed before (these parts came after that completion), after
--- removing them from the item and, when asked, moving them to the outbox. The record stays.
+-- removing them from the item and, when asked, moving them to the outbox. The record (if
+-- any) stays.
 local item, id = KEYS[1], ARGV[1]
 local score = redis.call('ZSCORE', KEYS[2], id)
 if score and tonumber(score) > tonumber(ARGV[2]) then
@@ -47,13 +50,12 @@ end
 entry[#entry + 1] = '_v'
 entry[#entry + 1] = version
 entry[#entry + 1] = '_orphan'
-if redis.call('HEXISTS', item, '_v') == 1 then
+if read_record({KEYS[5], KEYS[6], KEYS[7]}, id, ARGV[3], n) then
   entry[#entry + 1] = 'late'
-  redis.call('PEXPIRE', item, ARGV[3])
 else
   entry[#entry + 1] = 'partial'
-  redis.call('DEL', item)
 end
+redis.call('DEL', item)
 if ARGV[4] ~= '' then
   redis.call('HSET', KEYS[3], unpack(entry))
   redis.call('ZADD', KEYS[4], ARGV[4], id)

@@ -1,60 +1,69 @@
 -- embedjoin's atomic merge of one item's parts. Redis runs a script alone, so exactly one
--- caller, from any instance, sees an item become complete.
+-- caller, from any instance, sees an item become complete. (record.lua comes first.)
 --
--- The item's hash holds, per part type T: `s:T`, the stamp of the newest copy known (held
--- here or already part of a completion), and, while that copy waits for the others, `T`
--- (the vector, f32 little-endian) and `m:T` (its metadata JSON). `_v` is the version of the
--- item's last completion: with the stamps it is the compact record of a completed item.
+-- The item's hash holds, per part type T whose copy waits for the others: `T` (the
+-- vector, f32 little-endian), `s:T` (its stamp) and `m:T` (its metadata JSON). Once the
+-- item completes, the hash moves to the outbox and the item is remembered by its record:
+-- the completion's version and each part's stamp (record.lua).
 --
 -- KEYS[1]  the item's hash          KEYS[2]  the item's outbox hash
 -- KEYS[3]  the outbox index (ids by lease expiry, ms)
 -- KEYS[4]  the partial index (ids by last update, ms)
+-- KEYS[5..7]  the record hashes of the item's bucket: previous, current, next generation
 -- ARGV[1]  the item id              ARGV[2]  now, ms
 -- ARGV[3]  TTL of an incomplete item, ms (a backstop: the orphan sweep acts first)
--- ARGV[4]  TTL of a completed item's record, ms
+-- ARGV[4]  when the current record hash expires (unix ms)
 -- ARGV[5]  the lease of a new outbox entry: until then, only this caller sends it
 -- ARGV[6]  '1' when a newer copy for a completed item updates its document (late_parts)
--- ARGV[7]  n, the number of part types; ARGV[8 .. 7+n] the types
--- ARGV[8+n ..] per part to write: type, stamp, vector, metadata ('' for none)
+-- ARGV[7]  the record fingerprint   ARGV[8]  n, the number of part types
+-- ARGV[9 .. 8+n] the types; ARGV[9+n ..] per part to write: type, stamp, vector, metadata
+--          ('' for none)
 --
--- A copy no newer than the one known is skipped: re-applying a merge whose reply was lost
--- changes nothing, and an old copy never replaces a newer one or revives a completed one.
--- Returns 0 when nothing became complete, else the completed item (flat field/value array,
--- with `_v` its version) after moving it to the outbox; the record stays.
---
--- With updates on, newer copies for a remembered completed item go to its outbox entry
+-- A copy no newer than the one known (waiting here, or in the record) is skipped:
+-- re-applying a merge whose reply was lost changes nothing, and an old copy never replaces
+-- a newer one or revives a completed one. Returns 0 when nothing became complete, else the
+-- completed item (flat field/value array, with `_v` its version) after moving it to the
+-- outbox. With updates on, newer copies for a remembered item go to its outbox entry
 -- instead (made with `_update` = 1 if there is none; a completion waiting there takes them
 -- in), leased to the caller, and the entry is returned as for a completion.
 local item, outbox = KEYS[1], KEYS[2]
-local id, now, ttl, remember, lease, update = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6] == '1'
-local n = tonumber(ARGV[7])
-local first = 8 + n
--- Every part type's known stamp, and the last completion's version: one call.
+local records = {KEYS[5], KEYS[6], KEYS[7]}
+local id, now, ttl, expire_at, lease = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
+local update, fingerprint, n = ARGV[6] == '1', ARGV[7], tonumber(ARGV[8])
+local first = 9 + n
+-- The stamps of the copies waiting here, and the record: what is known of each part.
 local asked, slot = {}, {}
-for i = 8, 7 + n do
+for i = 9, 8 + n do
   asked[#asked + 1] = 's:' .. ARGV[i]
   slot[ARGV[i]] = #asked
 end
-asked[#asked + 1] = '_v'
-local known = redis.call('HMGET', item, unpack(asked))
-local done = known[n + 1]
+local waiting = redis.call('HMGET', item, unpack(asked))
+local done, recorded, found_in = read_record(records, id, fingerprint, n)
+local known = {}
+for j = 1, n do
+  local w, r = tonumber(waiting[j]), recorded and recorded[j]
+  if r and r > 0 and (not w or r > w) then
+    w = r
+  end
+  known[j] = w
+end
 local set, del, wrote = {}, {}, {}
 for i = first, #ARGV, 4 do
-  local t, stamp = ARGV[i], ARGV[i + 1]
-  local k = known[slot[t]]
-  if not k or tonumber(k) < tonumber(stamp) then
+  local t, stamp = ARGV[i], tonumber(ARGV[i + 1])
+  local j = slot[t]
+  if not known[j] or known[j] < stamp then
     set[#set + 1] = t
     set[#set + 1] = ARGV[i + 2]
     set[#set + 1] = 's:' .. t
-    set[#set + 1] = stamp
+    set[#set + 1] = ARGV[i + 1]
     if ARGV[i + 3] ~= '' then
       set[#set + 1] = 'm:' .. t
       set[#set + 1] = ARGV[i + 3]
-    elseif k then
-      del[#del + 1] = 'm:' .. t -- the older copy's metadata goes with it
+    else
+      del[#del + 1] = 'm:' .. t -- an older copy's metadata goes with it
     end
     wrote[t] = true
-    known[slot[t]] = stamp
+    known[j] = stamp
   end
 end
 if #set == 0 then
@@ -62,13 +71,9 @@ if #set == 0 then
 end
 if update and done then
   -- The item's document is indexed (or on its way): these copies update it.
-  local stamps, version = {}, tonumber(redis.call('HGET', outbox, '_v') or '0')
-  for i = 1, #set, 2 do
-    if string.sub(set[i], 1, 2) == 's:' then
-      stamps[#stamps + 1] = set[i]
-      stamps[#stamps + 1] = set[i + 1]
-      version = math.max(version, tonumber(set[i + 1]))
-    end
+  local version = tonumber(redis.call('HGET', outbox, '_v') or '0')
+  for t in pairs(wrote) do
+    version = math.max(version, known[slot[t]])
   end
   if redis.call('EXISTS', outbox) == 0 then
     redis.call('HSET', outbox, '_update', '1')
@@ -77,8 +82,7 @@ if update and done then
   if #del > 0 then
     redis.call('HDEL', outbox, unpack(del))
   end
-  redis.call('HSET', item, unpack(stamps))
-  redis.call('PEXPIRE', item, remember)
+  write_record(records, found_in, id, fingerprint, expire_at, done, known)
   redis.call('ZADD', KEYS[3], lease, id)
   return redis.call('HGETALL', outbox)
 end
@@ -86,7 +90,7 @@ redis.call('HSET', item, unpack(set))
 if #del > 0 then
   redis.call('HDEL', item, unpack(del))
 end
-for i = 8, 7 + n do
+for i = 9, 8 + n do
   if not wrote[ARGV[i]] and redis.call('HEXISTS', item, ARGV[i]) == 0 then
     redis.call('PEXPIRE', item, ttl)
     redis.call('ZADD', KEYS[4], now, id)
@@ -94,30 +98,22 @@ for i = 8, 7 + n do
   end
 end
 -- Complete: the hash moves to the outbox as it is (RENAME: no vector is copied), and the
--- item's key starts again as the record: the parts' stamps and the version.
-local record, version = {}, nil
+-- record remembers the parts' stamps and the version.
+local version = 0
 for j = 1, n do
-  local stamp = known[j] or '0' -- a part stored before stamps existed
-  record[#record + 1] = asked[j]
-  record[#record + 1] = stamp
-  if not version or tonumber(stamp) > tonumber(version) then
-    version = stamp
-  end
+  known[j] = known[j] or 0 -- a part stored before stamps existed
+  version = math.max(version, known[j])
 end
-record[#record + 1] = '_v'
-record[#record + 1] = version
 redis.call('ZREM', KEYS[4], id)
-if done and tonumber(done) >= tonumber(version) then
+if done and done >= version then
   -- A completion as new or newer was made before (and waits or was delivered).
   redis.call('DEL', item)
-  redis.call('HSET', item, unpack(record))
-  redis.call('PEXPIRE', item, remember)
+  write_record(records, found_in, id, fingerprint, expire_at, done, known)
   return 0
 end
-redis.call('HSET', item, '_v', version)
+redis.call('HSET', item, '_v', string.format('%d', version))
 redis.call('RENAME', item, outbox) -- replaces an older completion waiting there
 redis.call('PERSIST', outbox)
-redis.call('HSET', item, unpack(record))
-redis.call('PEXPIRE', item, remember)
 redis.call('ZADD', KEYS[3], lease, id)
+write_record(records, found_in, id, fingerprint, expire_at, version, known)
 return redis.call('HGETALL', outbox)

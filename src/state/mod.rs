@@ -28,6 +28,7 @@
 //! server).
 
 pub mod embedded;
+pub mod records;
 pub mod redis;
 
 use std::time::{Duration, SystemTime};

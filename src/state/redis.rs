@@ -1,11 +1,13 @@
 //! Redis backend. Keys, all under the configured prefix:
 //!
-//! - `{prefix}{<id>}`: the item's hash (see `merge.lua`): per part type T, `s:T` the stamp
-//!   of the newest copy known, and while that copy waits for the others `T` (the vector,
-//!   f32 little-endian) and `m:T` (its metadata); `_v` the version of its last completion.
-//!   Vectors go when the item completes; the stamps stay `state.remember_completed`.
+//! - `{prefix}{<id>}`: the item's hash while some of its parts wait (see `merge.lua`): per
+//!   part type T, `T` (the vector, f32 little-endian), `s:T` (its stamp) and `m:T` (its
+//!   metadata). It moves to the outbox when the item completes.
+//! - `{prefix}records:{<bucket>}:<generation>`: the records of completed items, packed
+//!   (see [`super::records`]), for `state.remember_completed`.
 //! - `{prefix}outbox:{<id>}`: a completed item not yet settled by the sink: the same
-//!   fields, `_v` its version, and `_orphan` for parts swept as an orphan.
+//!   fields, `_v` its version, `_orphan` for parts swept as an orphan, `_update` for newer
+//!   parts that update the indexed document.
 //! - `{prefix}outbox`: sorted set of outbox ids by lease expiry, in ms.
 //! - `{prefix}partials`: sorted set of incomplete ids by last update, in ms (orphan sweep).
 //! - `{prefix}deadletter`: list of dead letters (JSON).
@@ -24,6 +26,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{ErrorKind, Script, ServerErrorKind, Value};
 
+use super::records::{RecordKeys, Records};
 use super::{
     Completion, DeadLetter, LetterCap, LetterCursor, MergeOutcome, StateError, StoredEntry, StoredItem, StoredLetter,
     Swept,
@@ -69,8 +72,8 @@ pub struct RedisStore {
     prefix: String,
     /// Backstop TTL of a partial: twice the configured TTL, so that the sweeper acts first.
     backstop_ttl_ms: u64,
-    /// TTL of a completed item's record.
-    remember_ms: u64,
+    /// Where completed items' records are.
+    records: Arc<Records>,
     /// Newer copies for a remembered completed item update its document (late_parts).
     late_updates: bool,
     /// Makes the epoch marker unique to this store handle.
@@ -106,17 +109,22 @@ impl RedisStore {
         let store = RedisStore {
             conn,
             scripts: Arc::new(Scripts {
-                merge: Script::new(include_str!("merge.lua")),
-                remember: Script::new(include_str!("remember.lua")),
+                merge: with_records(include_str!("merge.lua")),
+                remember: with_records(include_str!("remember.lua")),
                 confirm: Script::new(include_str!("confirm.lua")),
                 claim: Script::new(include_str!("claim.lua")),
                 park: Script::new(include_str!("park.lua")),
-                expire: Script::new(include_str!("expire.lua")),
+                expire: with_records(include_str!("expire.lua")),
             }),
             schema: schema.clone(),
             prefix: settings.key_prefix.clone(),
             backstop_ttl_ms: ms(settings.partial_ttl) * 2,
-            remember_ms: ms(state.remember_completed).max(1),
+            records: Arc::new(Records::new(
+                &settings.key_prefix,
+                settings.record_buckets,
+                ms(state.remember_completed),
+                schema,
+            )),
             late_updates: state.late_parts == LatePartsAction::Update,
             instance: rand::random(),
             epoch: Arc::new(std::sync::Mutex::new(None)),
@@ -227,10 +235,13 @@ impl RedisStore {
 
     fn merge_call(&self, pipe: &mut redis::Pipeline, id: &str, partial: &Partial, lease_until: u64) {
         let parts = self.schema.parts();
-        let cmd = pipe.cmd("EVALSHA").arg(self.scripts.merge.get_hash()).arg(4);
+        let now = now_ms();
+        let RecordKeys { keys: [prev, current, next], expire_at } = self.records.keys(id, now);
+        let cmd = pipe.cmd("EVALSHA").arg(self.scripts.merge.get_hash()).arg(7);
         cmd.arg(self.item_key(id)).arg(self.outbox_key(id)).arg(self.outbox_index()).arg(self.partial_index());
-        cmd.arg(id).arg(now_ms()).arg(self.backstop_ttl_ms).arg(self.remember_ms).arg(lease_until);
-        cmd.arg(if self.late_updates { "1" } else { "0" });
+        cmd.arg(prev).arg(current).arg(next);
+        cmd.arg(id).arg(now).arg(self.backstop_ttl_ms).arg(expire_at).arg(lease_until);
+        cmd.arg(if self.late_updates { "1" } else { "0" }).arg(self.records.fingerprint());
         cmd.arg(parts.len());
         for part in parts {
             cmd.arg(&part.type_name);
@@ -254,11 +265,14 @@ impl RedisStore {
         let mut pipe = redis::pipe();
         for completion in done {
             let version = completion.stamps.iter().copied().max().unwrap_or(0);
-            let cmd = pipe.cmd("EVALSHA").arg(self.scripts.remember.get_hash()).arg(4);
+            let now = now_ms();
+            let RecordKeys { keys: [prev, current, next], expire_at } = self.records.keys(&completion.id, now);
+            let cmd = pipe.cmd("EVALSHA").arg(self.scripts.remember.get_hash()).arg(7);
             cmd.arg(self.item_key(&completion.id)).arg(self.partial_index());
             cmd.arg(self.outbox_key(&completion.id)).arg(self.outbox_index());
-            cmd.arg(&completion.id).arg(self.remember_ms).arg(version);
-            cmd.arg(if self.late_updates { "1" } else { "0" }).arg(now_ms());
+            cmd.arg(prev).arg(current).arg(next);
+            cmd.arg(&completion.id).arg(expire_at).arg(version);
+            cmd.arg(if self.late_updates { "1" } else { "0" }).arg(now).arg(self.records.fingerprint());
             for (part, stamp) in self.schema.parts().iter().zip(&completion.stamps) {
                 cmd.arg(&part.type_name).arg(stamp);
             }
@@ -438,9 +452,11 @@ impl RedisStore {
         let lease = deliver_lease.map_or(String::new(), |l| (now + ms(l)).to_string());
         let mut pipe = redis::pipe();
         for id in &ids {
-            let cmd = pipe.cmd("EVALSHA").arg(self.scripts.expire.get_hash()).arg(4);
+            let [prev, current, next] = self.records.keys(id, now).keys;
+            let cmd = pipe.cmd("EVALSHA").arg(self.scripts.expire.get_hash()).arg(7);
             cmd.arg(self.item_key(id)).arg(&index).arg(self.outbox_key(id)).arg(self.outbox_index());
-            cmd.arg(id).arg(deadline).arg(self.remember_ms).arg(&lease).arg(self.schema.len());
+            cmd.arg(prev).arg(current).arg(next);
+            cmd.arg(id).arg(deadline).arg(self.records.fingerprint()).arg(&lease).arg(self.schema.len());
             for part in self.schema.parts() {
                 cmd.arg(&part.type_name);
             }
@@ -490,9 +506,13 @@ impl RedisStore {
         pipe.atomic();
         pipe.cmd("HKEYS").arg(self.item_key(id));
         pipe.cmd("HEXISTS").arg(self.outbox_key(id)).arg(VERSION_FIELD);
-        pipe.cmd("HGET").arg(self.item_key(id)).arg(VERSION_FIELD);
+        for key in self.records.keys(id, now_ms()).keys {
+            pipe.cmd("HGET").arg(key).arg(id);
+        }
         let mut conn = self.conn.clone();
-        let (fields, in_outbox, completed): (Vec<String>, bool, Option<u64>) = pipe.query_async(&mut conn).await?;
+        type Reply = (Vec<String>, bool, Option<Vec<u8>>, Option<Vec<u8>>, Option<Vec<u8>>);
+        let (fields, in_outbox, a, b, c): Reply = pipe.query_async(&mut conn).await?;
+        let completed = [a, b, c].into_iter().flatten().find_map(|value| self.records.version(&value));
         let partial =
             fields.iter().filter_map(|field| self.schema.slot_of(field)).fold(0, |mask, slot| mask | (1 << slot));
         Ok(StoredItem { partial, in_outbox, completed })
@@ -560,6 +580,11 @@ fn is_noscript_reply(reply: &Value) -> bool {
 }
 
 /// A vector as little-endian f32 bytes (a plain copy on little-endian machines).
+/// A script that reads or writes records: `record.lua`'s functions, then its own body.
+fn with_records(body: &str) -> Script {
+    Script::new(&format!("{}\n{body}", super::records::LUA))
+}
+
 pub fn f32_le_bytes(v: &[f32]) -> Vec<u8> {
     let mut out = Vec::with_capacity(v.len() * 4);
     for x in v {

@@ -56,18 +56,22 @@ pub async fn complete_items_left_in_redis(redis: &RedisServer) -> usize {
 pub async fn redis_keys(redis: &RedisServer) -> Vec<String> {
     let mut conn = redis.connection().await;
     let keys: Vec<String> = redis::cmd("KEYS").arg("*").query_async(&mut conn).await.unwrap();
-    let mut left = Vec::new();
-    for key in keys.into_iter().filter(|k| k != "embedjoin:epoch") {
-        if key.starts_with("embedjoin:{") {
-            let fields: Vec<String> = redis::cmd("HKEYS").arg(&key).query_async(&mut conn).await.unwrap();
-            if fields.iter().all(|f| f.starts_with("s:") || f == "_v") && fields.iter().any(|f| f == "_v") {
-                continue; // a completion record
-            }
-        }
-        left.push(key);
-    }
+    let mut left: Vec<String> =
+        keys.into_iter().filter(|k| k != "embedjoin:epoch" && !k.starts_with("embedjoin:records:")).collect();
     left.sort();
     left
+}
+
+/// How many completed items Redis remembers (fields of the record hashes).
+pub async fn records_in_redis(redis: &RedisServer) -> usize {
+    let mut conn = redis.connection().await;
+    let keys: Vec<String> = redis::cmd("KEYS").arg("embedjoin:records:*").query_async(&mut conn).await.unwrap();
+    let mut records = 0;
+    for key in keys {
+        let n: usize = redis::cmd("HLEN").arg(&key).query_async(&mut conn).await.unwrap();
+        records += n;
+    }
+    records
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
