@@ -19,6 +19,25 @@ pub fn process_seconds() -> f64 {
     secs(usage.ru_utime) + secs(usage.ru_stime)
 }
 
+/// CPU seconds used so far by another process of this machine (user + system, from
+/// `/proc/PID/stat`, in clock ticks): the server driven over `--http`.
+pub fn pid_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // SAFETY: sysconf reads a constant of the system.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    stat_seconds(&stat, if ticks > 0 { ticks as f64 } else { 100.0 })
+}
+
+/// utime + stime of a `/proc/PID/stat` line, in seconds. The command name (field 2) may
+/// hold spaces and parentheses, so fields are counted from its closing parenthesis.
+fn stat_seconds(stat: &str, ticks_per_second: f64) -> Option<f64> {
+    let mut fields = stat.get(stat.rfind(')')? + 1..)?.split_whitespace();
+    // After the name: state is field 3, utime field 14, stime field 15.
+    let utime: f64 = fields.nth(11)?.parse().ok()?;
+    let stime: f64 = fields.next()?.parse().ok()?;
+    Some((utime + stime) / ticks_per_second)
+}
+
 /// What Redis reported at one moment.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct RedisReading {
@@ -61,8 +80,8 @@ fn parse(cpu: &str, commandstats: &str, stats: &str) -> RedisReading {
 /// CPU per embedding over a run.
 #[derive(Debug, Clone, Serialize)]
 pub struct CpuCost {
-    /// This process (in-process mode: the whole pipeline, and the senders); none over
-    /// `--http`, where the service is another process.
+    /// This process (in-process mode: the whole pipeline, and the senders); over `--http`,
+    /// the server's process when `--pid` names it.
     pub service_us_per_embedding: Option<f64>,
     /// Redis, when the run used it.
     pub redis_us_per_embedding: Option<f64>,
@@ -115,7 +134,11 @@ mod tests {
         assert!((cost.redis_us_per_embedding.unwrap() - 10.0).abs() < 1e-9);
         assert!((cost.redis_commands_per_embedding.unwrap() - 0.002).abs() < 1e-12);
         assert!(process_seconds() > 0.0, "this process has used some CPU");
-        // Over --http: Redis only.
+        let stat = "4242 (embed join) S 1 4242 4242 0 -1 4194560 100 0 0 0 250 50 0 0 20 0 9 0 77 0 0";
+        assert_eq!(stat_seconds(stat, 100.0), Some(3.0));
+        assert_eq!(stat_seconds("garbage", 100.0), None);
+        assert!(pid_seconds(std::process::id()).is_some());
+        // Over --http without --pid: Redis only.
         assert_eq!(CpuCost::between(None, (Some(before), Some(after)), 1).service_us_per_embedding, None);
     }
 }

@@ -112,6 +112,10 @@ pub struct BenchArgs {
     /// instead of an in-process pipeline.
     #[arg(long, value_name = "URL")]
     pub http: Option<String>,
+    /// With --http: the server's process id on this machine, to read its CPU time
+    /// (/proc/PID/stat) before and after, for CPU per embedding.
+    #[arg(long, value_name = "PID", requires = "http")]
+    pub pid: Option<u32>,
     /// With --http: the request body format, json or msgpack (vectors as little-endian bytes).
     #[arg(long, value_enum, default_value_t = BodyFormat::Json)]
     pub format: BodyFormat,
@@ -129,14 +133,16 @@ Figures: embeddings/s and documents/s over the wall time (first part sent to las
 acknowledged, drain included); vector MB/s counts the f32 payload (4 bytes x dims per part), \
 JSON MB/s the request bodies (--http); Redis merges and bulk requests per indexed document; \
 last part -> indexed latency p50/p99/max (per document); with --rate, each part -> indexed \
-(per part, from when it was due); CPU per embedding of this process and of Redis, Redis \
-commands and bytes per embedding; peak RSS (VmHWM of this process, in-process only).
+(per part, from when it was due); CPU per embedding of this process (of the server with \
+--http --pid) and of Redis, Redis commands and bytes per embedding; peak RSS (VmHWM of this \
+process, in-process only).
 
 Examples:
   embedjoin bench --redis redis://127.0.0.1:6379 --sink null --order split
   embedjoin bench --redis redis://127.0.0.1:6379 --sink null --order split --rate 10000
   embedjoin bench --redis redis://127.0.0.1:6379 --sink null --sweep shards=1,2,4,8
-  embedjoin bench --http http://127.0.0.1:8080 --entities 5000";
+  embedjoin bench --http http://127.0.0.1:8080 --entities 5000
+  embedjoin bench --http http://127.0.0.1:8080 --pid SERVER_PID --redis redis://127.0.0.1:6379 --rate 5000";
 
 /// `--sink`: discard, or an Elasticsearch base URL.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -556,7 +562,8 @@ async fn over_http(url: &str, settings: &Settings, args: &BenchArgs, label: Opti
             None
         }
     };
-    let redis_before = read_redis().await;
+    let server = |pid: Option<u32>| pid.and_then(cpu::pid_seconds);
+    let (server_before, redis_before) = (server(args.pid), read_redis().await);
     let outcome = http::run(
         url,
         batches,
@@ -567,7 +574,7 @@ async fn over_http(url: &str, settings: &Settings, args: &BenchArgs, label: Opti
         &progress,
     )
     .await;
-    let redis_after = read_redis().await;
+    let (server_after, redis_after) = (server(args.pid), read_redis().await);
     progress.finish();
     let mut run = outcome?;
     run.counts.vector_bytes = vector_bytes;
@@ -581,8 +588,12 @@ async fn over_http(url: &str, settings: &Settings, args: &BenchArgs, label: Opti
         None,
         None,
     );
-    if redis_before.is_some() {
-        summary.cpu = Some(CpuCost::between(None, (redis_before, redis_after), embeddings));
+    let server_cpu = server_before.zip(server_after);
+    if args.pid.is_some() && server_cpu.is_none() {
+        eprintln!("note: cannot read the CPU time of process {:?} from /proc", args.pid);
+    }
+    if redis_before.is_some() || server_cpu.is_some() {
+        summary.cpu = Some(CpuCost::between(server_cpu, (redis_before, redis_after), embeddings));
     }
     if let (Some(rate), Some((before_last, sending, behind))) = (args.rate, run.paced) {
         summary.paced = Some(paced(rate, before_last, sending, behind, None, 0));
@@ -735,6 +746,8 @@ mod tests {
         assert_eq!(parse(&[]).unwrap().rate, None);
         let a = parse(&["--http", "http://x", "--rate", "500", "--redis", "redis://127.0.0.1:6400"]).unwrap();
         assert_eq!((a.rate, a.redis.as_deref()), (Some(500), Some("redis://127.0.0.1:6400")));
+        assert_eq!(parse(&["--http", "http://x", "--pid", "42"]).unwrap().pid, Some(42));
+        assert!(parse(&["--pid", "42"]).is_err(), "--pid is for --http");
     }
 
     #[test]

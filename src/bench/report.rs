@@ -338,7 +338,8 @@ impl Summary {
         if let Some(cpu) = &self.cpu {
             let mut figures = Vec::new();
             if let Some(us) = cpu.service_us_per_embedding {
-                figures.push(format!("this process {us:.1} µs"));
+                let who = if self.mode == "http" { "the server" } else { "this process" };
+                figures.push(format!("{who} {us:.1} µs"));
             }
             if let Some(us) = cpu.redis_us_per_embedding {
                 figures.push(format!("Redis {us:.1} µs"));
