@@ -67,7 +67,8 @@ fn parse(cpu: &str, commandstats: &str, stats: &str) -> RedisReading {
     // cmdstat_hset:calls=12,usec=34,...
     let commands = commandstats
         .lines()
-        .filter(|l| l.starts_with("cmdstat_"))
+        // The bench's own INFO calls are not the run's work.
+        .filter(|l| l.starts_with("cmdstat_") && !l.starts_with("cmdstat_info:"))
         .filter_map(|l| l.split_once("calls=")?.1.split(',').next()?.parse::<u64>().ok())
         .sum();
     RedisReading {
@@ -122,7 +123,7 @@ mod tests {
     #[test]
     fn redis_readings_and_per_embedding_costs() {
         let cpu = "# CPU\r\nused_cpu_sys:1.500000\r\nused_cpu_user:2.250000\r\nused_cpu_sys_children:9\r\n";
-        let stats = "# Commandstats\r\ncmdstat_evalsha:calls=10,usec=500,usec_per_call=50.00\r\ncmdstat_hset:calls=30,usec=60\r\n";
+        let stats = "# Commandstats\r\ncmdstat_evalsha:calls=10,usec=500,usec_per_call=50.00\r\ncmdstat_hset:calls=30,usec=60\r\ncmdstat_info:calls=7,usec=9\r\n";
         let net =
             "# Stats\r\ntotal_net_input_bytes:1000\r\ntotal_net_output_bytes:500\r\ntotal_net_repl_input_bytes:7\r\n";
         let before = parse(cpu, stats, net);

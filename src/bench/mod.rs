@@ -574,7 +574,18 @@ async fn over_http(url: &str, settings: &Settings, args: &BenchArgs, label: Opti
         &progress,
     )
     .await;
-    let (server_after, redis_after) = (server(args.pid), read_redis().await);
+    // The server may still write to Redis after its last document is indexed (completion
+    // records are written off the shards' path): read once Redis has stopped moving.
+    let mut redis_after = read_redis().await;
+    let settle = Instant::now();
+    while let Some(last) = redis_after.filter(|_| settle.elapsed() < SETTLE) {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        redis_after = read_redis().await;
+        if redis_after.is_none_or(|now| now.commands == last.commands) {
+            break;
+        }
+    }
+    let server_after = server(args.pid);
     progress.finish();
     let mut run = outcome?;
     run.counts.vector_bytes = vector_bytes;
@@ -600,6 +611,10 @@ async fn over_http(url: &str, settings: &Settings, args: &BenchArgs, label: Opti
     }
     Ok(summary)
 }
+
+/// Longest an `--http` run waits for the server's Redis commands to stop after its last
+/// document is indexed, before reading Redis's and the server's CPU.
+const SETTLE: Duration = Duration::from_secs(5);
 
 /// The progress bar on stderr: documents finished out of items, and parts sent. Hidden
 /// with `--json` or when stderr is not a terminal.
