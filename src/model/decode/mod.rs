@@ -40,8 +40,8 @@
 //! off, so on such near-halfway inputs the serde path then differs from this decoder,
 //! which is the correctly rounded one.)
 //!
-//! Layout: [`scan`] walks the JSON (structure, strings, skipped values, errors) and
-//! hands each number to [`float`], which checks its grammar and rounds it to `f32`.
+//! Layout: `scan` walks the JSON (structure, strings, skipped values, errors) and
+//! hands each number to `float`, which checks its grammar and rounds it to `f32`.
 
 mod float;
 mod scan;
