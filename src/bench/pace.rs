@@ -31,10 +31,10 @@ pub fn schedule(batch_sizes: impl IntoIterator<Item = usize>, rate: f64) -> Vec<
         .collect()
 }
 
-/// The `_id`s of the `index` operations in a `_bulk` body, as the sink encoder writes them
-/// (`{"index":{"_id":"..."` on each action line, the source line after it).
+/// The `_id`s of the operations in a `_bulk` body, as the sink encoder writes them: on each
+/// action line `{"index":{"_id":"..."` (or `create`, `update`), the source line after it.
 pub fn bulk_ids(body: &[u8]) -> impl Iterator<Item = &[u8]> {
-    const ACTION: &[u8] = b"{\"index\":{\"_id\":\"";
+    const ACTIONS: [&[u8]; 3] = [b"{\"index\":{\"_id\":\"", b"{\"create\":{\"_id\":\"", b"{\"update\":{\"_id\":\""];
     let mut rest = body;
     std::iter::from_fn(move || loop {
         if rest.is_empty() {
@@ -46,7 +46,7 @@ pub fn bulk_ids(body: &[u8]) -> impl Iterator<Item = &[u8]> {
         // The source line follows its action line.
         let source_end = memchr::memchr(b'\n', after).map_or(after.len(), |i| i + 1);
         rest = &after[source_end..];
-        if let Some(id) = action.strip_prefix(ACTION) {
+        if let Some(id) = ACTIONS.iter().find_map(|a| action.strip_prefix(*a)) {
             if let Some(end) = memchr::memchr(b'"', id) {
                 return Some(&id[..end]);
             }
@@ -119,9 +119,12 @@ mod tests {
         let body = b"{\"index\":{\"_id\":\"b-1\",\"version\":3,\"version_type\":\"external_gte\"}}\n\
             {\"id\":\"b-1\",\"v\":[1.0]}\n\
             {\"index\":{\"_id\":\"b-22\",\"version\":1}}\n\
-            {\"index\":{\"_id\":\"not-an-action\"}}\n";
+            {\"index\":{\"_id\":\"not-an-action\"}}\n\
+            {\"create\":{\"_id\":\"b-3\"}}\n{\"id\":\"b-3\"}\n\
+            {\"update\":{\"_id\":\"b-4\"}}\n{\"script\":{}}\n\
+            {\"delete\":{\"_id\":\"b-5\"}}\n{}\n";
         let ids: Vec<&[u8]> = bulk_ids(body).collect();
-        assert_eq!(ids, [&b"b-1"[..], b"b-22"]);
+        assert_eq!(ids, [&b"b-1"[..], b"b-22", b"b-3", b"b-4"]);
         assert_eq!(bulk_ids(b"").count(), 0);
     }
 
