@@ -302,7 +302,8 @@ mod tests {
         values.extend((0..20_000).map(|_| rng.random_range(-1.0f32..1.0)));
         let schema = Schema::new(&[PartSettings { type_name: "T".into(), field: "v".into(), dims: values.len() }]);
         let mut buf = BytesMut::new();
-        let source = encode_index_op(&mut buf, &doc("r", vec![values.clone()], None), &schema, VectorEncoding::Array);
+        let source =
+            encode_op(&mut buf, &doc("r", vec![values.clone()], None), &schema, VectorEncoding::Array, Action::Index);
         let text = std::str::from_utf8(&buf[source]).unwrap();
         let array = &text[text.find("\"v\":[").unwrap() + 5..];
         let array = &array[..array.find(']').unwrap()];
