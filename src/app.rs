@@ -49,11 +49,15 @@ pub struct Pipeline {
 impl Pipeline {
     /// Connects the backends, prepares the sink and starts the actors.
     pub async fn start(settings: &Settings) -> anyhow::Result<Pipeline> {
+        Pipeline::start_with_sink(settings, SinkClient::new(settings)?).await
+    }
+
+    /// [`Pipeline::start`] with a sink built by the caller (the benchmark's observed sink).
+    pub async fn start_with_sink(settings: &Settings, sink: SinkClient) -> anyhow::Result<Pipeline> {
         let schema = Schema::new(&settings.parts);
         let mut store = StateStore::connect(settings, &schema)
             .await
             .with_context(|| format!("cannot connect to the state store ({:?})", settings.state.backend))?;
-        let sink = SinkClient::new(settings)?;
         sink.prepare(settings, &schema).await.context("cannot prepare the sink")?;
         let metrics = Arc::new(Metrics::new());
         store.count_dropped_letters_in(metrics.dead_letters_dropped.clone());

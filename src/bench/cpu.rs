@@ -1,6 +1,7 @@
 //! CPU cost of a run, per embedding: this process's (getrusage: user + system time) and
-//! Redis's (`INFO cpu`, `used_cpu_user` + `used_cpu_sys`, and `INFO commandstats` for the
-//! commands it ran), read before and after. On a shared machine CPU time per embedding is
+//! Redis's (`INFO cpu`, `used_cpu_user` + `used_cpu_sys`; `INFO commandstats` for the
+//! commands it ran; `INFO stats`, `total_net_input_bytes` + `total_net_output_bytes`, for
+//! the bytes it exchanged with every client), read before and after. On a shared machine CPU time per embedding is
 //! steadier than wall time, and it is what scales.
 
 use serde::Serialize;
@@ -18,11 +19,32 @@ pub fn process_seconds() -> f64 {
     secs(usage.ru_utime) + secs(usage.ru_stime)
 }
 
+/// CPU seconds used so far by another process of this machine (user + system, from
+/// `/proc/PID/stat`, in clock ticks): the server driven over `--http`.
+pub fn pid_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // SAFETY: sysconf reads a constant of the system.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    stat_seconds(&stat, if ticks > 0 { ticks as f64 } else { 100.0 })
+}
+
+/// utime + stime of a `/proc/PID/stat` line, in seconds. The command name (field 2) may
+/// hold spaces and parentheses, so fields are counted from its closing parenthesis.
+fn stat_seconds(stat: &str, ticks_per_second: f64) -> Option<f64> {
+    let mut fields = stat.get(stat.rfind(')')? + 1..)?.split_whitespace();
+    // After the name: state is field 3, utime field 14, stime field 15.
+    let utime: f64 = fields.nth(11)?.parse().ok()?;
+    let stime: f64 = fields.next()?.parse().ok()?;
+    Some((utime + stime) / ticks_per_second)
+}
+
 /// What Redis reported at one moment.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct RedisReading {
     pub cpu_seconds: f64,
     pub commands: u64,
+    /// Bytes in and out over every client connection (the bench's INFO calls included).
+    pub net_bytes: u64,
 }
 
 /// Reads Redis's CPU and command totals, when the run uses Redis.
@@ -33,52 +55,63 @@ pub async fn redis_reading(settings: &Settings) -> Option<RedisReading> {
     let client = redis::Client::open(settings.redis.url.as_str()).ok()?;
     let mut conn = client.get_multiplexed_async_connection().await.ok()?;
     let cpu: String = redis::cmd("INFO").arg("cpu").query_async(&mut conn).await.ok()?;
-    let stats: String = redis::cmd("INFO").arg("commandstats").query_async(&mut conn).await.ok()?;
-    Some(parse(&cpu, &stats))
+    let commands: String = redis::cmd("INFO").arg("commandstats").query_async(&mut conn).await.ok()?;
+    let stats: String = redis::cmd("INFO").arg("stats").query_async(&mut conn).await.ok()?;
+    Some(parse(&cpu, &commands, &stats))
 }
 
-fn parse(cpu: &str, stats: &str) -> RedisReading {
-    let field = |name: &str| {
-        cpu.lines().find_map(|l| l.strip_prefix(name)).and_then(|v| v.trim().parse::<f64>().ok()).unwrap_or(0.0)
+fn parse(cpu: &str, commandstats: &str, stats: &str) -> RedisReading {
+    let field = |text: &str, name: &str| {
+        text.lines().find_map(|l| l.strip_prefix(name)).and_then(|v| v.trim().parse::<f64>().ok()).unwrap_or(0.0)
     };
     // cmdstat_hset:calls=12,usec=34,...
-    let commands = stats
+    let commands = commandstats
         .lines()
-        .filter(|l| l.starts_with("cmdstat_"))
+        // The bench's own INFO calls are not the run's work.
+        .filter(|l| l.starts_with("cmdstat_") && !l.starts_with("cmdstat_info:"))
         .filter_map(|l| l.split_once("calls=")?.1.split(',').next()?.parse::<u64>().ok())
         .sum();
-    RedisReading { cpu_seconds: field("used_cpu_user:") + field("used_cpu_sys:"), commands }
+    RedisReading {
+        cpu_seconds: field(cpu, "used_cpu_user:") + field(cpu, "used_cpu_sys:"),
+        commands,
+        net_bytes: (field(stats, "total_net_input_bytes:") + field(stats, "total_net_output_bytes:")) as u64,
+    }
 }
 
 /// CPU per embedding over a run.
 #[derive(Debug, Clone, Serialize)]
 pub struct CpuCost {
-    /// This process (in-process mode: the whole pipeline, and the senders).
-    pub service_us_per_embedding: f64,
+    /// This process (in-process mode: the whole pipeline, and the senders); over `--http`,
+    /// the server's process when `--pid` names it.
+    pub service_us_per_embedding: Option<f64>,
     /// Redis, when the run used it.
     pub redis_us_per_embedding: Option<f64>,
     /// Commands Redis ran per embedding (scripts' inner commands included).
     pub redis_commands_per_embedding: Option<f64>,
+    /// Bytes Redis received and sent per embedding.
+    pub redis_bytes_per_embedding: Option<f64>,
 }
 
 impl CpuCost {
     pub fn between(
-        service: (f64, f64),
+        service: Option<(f64, f64)>,
         redis: (Option<RedisReading>, Option<RedisReading>),
         embeddings: u64,
     ) -> CpuCost {
         let n = embeddings.max(1) as f64;
-        let (redis_us, commands) = match redis {
+        let (redis_us, commands, bytes) = match redis {
             (Some(a), Some(b)) => (
                 Some((b.cpu_seconds - a.cpu_seconds).max(0.0) * 1e6 / n),
                 Some(b.commands.saturating_sub(a.commands) as f64 / n),
+                Some(b.net_bytes.saturating_sub(a.net_bytes) as f64 / n),
             ),
-            _ => (None, None),
+            _ => (None, None, None),
         };
         CpuCost {
-            service_us_per_embedding: (service.1 - service.0).max(0.0) * 1e6 / n,
+            service_us_per_embedding: service.map(|(before, after)| (after - before).max(0.0) * 1e6 / n),
             redis_us_per_embedding: redis_us,
             redis_commands_per_embedding: commands,
+            redis_bytes_per_embedding: bytes,
         }
     }
 }
@@ -90,14 +123,23 @@ mod tests {
     #[test]
     fn redis_readings_and_per_embedding_costs() {
         let cpu = "# CPU\r\nused_cpu_sys:1.500000\r\nused_cpu_user:2.250000\r\nused_cpu_sys_children:9\r\n";
-        let stats = "# Commandstats\r\ncmdstat_evalsha:calls=10,usec=500,usec_per_call=50.00\r\ncmdstat_hset:calls=30,usec=60\r\n";
-        let before = parse(cpu, stats);
-        assert_eq!((before.cpu_seconds, before.commands), (3.75, 40));
-        let after = RedisReading { cpu_seconds: 4.75, commands: 240 };
-        let cost = CpuCost::between((1.0, 1.5), (Some(before), Some(after)), 100_000);
-        assert!((cost.service_us_per_embedding - 5.0).abs() < 1e-9);
+        let stats = "# Commandstats\r\ncmdstat_evalsha:calls=10,usec=500,usec_per_call=50.00\r\ncmdstat_hset:calls=30,usec=60\r\ncmdstat_info:calls=7,usec=9\r\n";
+        let net =
+            "# Stats\r\ntotal_net_input_bytes:1000\r\ntotal_net_output_bytes:500\r\ntotal_net_repl_input_bytes:7\r\n";
+        let before = parse(cpu, stats, net);
+        assert_eq!((before.cpu_seconds, before.commands, before.net_bytes), (3.75, 40, 1500));
+        let after = RedisReading { cpu_seconds: 4.75, commands: 240, net_bytes: 201_501_500 };
+        let cost = CpuCost::between(Some((1.0, 1.5)), (Some(before), Some(after)), 100_000);
+        assert!((cost.service_us_per_embedding.unwrap() - 5.0).abs() < 1e-9);
+        assert!((cost.redis_bytes_per_embedding.unwrap() - 2015.0).abs() < 1e-9);
         assert!((cost.redis_us_per_embedding.unwrap() - 10.0).abs() < 1e-9);
         assert!((cost.redis_commands_per_embedding.unwrap() - 0.002).abs() < 1e-12);
         assert!(process_seconds() > 0.0, "this process has used some CPU");
+        let stat = "4242 (embed join) S 1 4242 4242 0 -1 4194560 100 0 0 0 250 50 0 0 20 0 9 0 77 0 0";
+        assert_eq!(stat_seconds(stat, 100.0), Some(3.0));
+        assert_eq!(stat_seconds("garbage", 100.0), None);
+        assert!(pid_seconds(std::process::id()).is_some());
+        // Over --http without --pid: Redis only.
+        assert_eq!(CpuCost::between(None, (Some(before), Some(after)), 1).service_us_per_embedding, None);
     }
 }

@@ -29,6 +29,9 @@ pub struct HttpRun {
     pub latency: Option<Latency>,
     pub wall: Duration,
     pub submitted: Duration,
+    /// Paced: parts posted before the last request left, when it left, and how late the
+    /// latest request left after it was due.
+    pub paced: Option<(u64, Duration, Duration)>,
 }
 
 async fn scrape(client: &reqwest::Client, base: &str) -> anyhow::Result<Scrape> {
@@ -40,12 +43,14 @@ async fn scrape(client: &reqwest::Client, base: &str) -> anyhow::Result<Scrape> 
     Ok(Scrape::parse(&response.text().await?))
 }
 
-/// Posts every batch, `concurrency` at a time, then waits for the server to index them.
+/// Posts every batch, `concurrency` at a time (or each when it is due, at `rate` parts per
+/// second), then waits for the server to index them.
 pub async fn run(
     base: &str,
     batches: Vec<(Bytes, usize)>,
     content_type: &'static str,
     concurrency: usize,
+    rate: Option<u32>,
     expected_documents: usize,
     progress: &Progress,
 ) -> anyhow::Result<HttpRun> {
@@ -54,25 +59,54 @@ pub async fn run(
     let before = scrape(&client, &base).await?;
     let json_bytes: u64 = batches.iter().map(|(b, _)| b.len() as u64).sum();
     let parts_sent: u64 = batches.iter().map(|(_, n)| *n as u64).sum();
-    let queue = Arc::new(Mutex::new(batches.into_iter()));
     let accepted = Arc::new(std::sync::atomic::AtomicU64::new(0));
-    let started = Instant::now();
-    let mut senders = JoinSet::new();
-    for _ in 0..concurrency.max(1) {
-        let (client, queue, accepted) = (client.clone(), queue.clone(), accepted.clone());
-        let url = format!("{base}/aggregate/");
-        let progress = progress.clone();
-        senders.spawn(async move {
-            loop {
-                let next = queue.lock().unwrap_or_else(|e| e.into_inner()).next();
-                let Some((body, count)) = next else {
-                    return Ok::<_, anyhow::Error>(());
-                };
+    let url = format!("{base}/aggregate/");
+    let send = {
+        let (client, accepted, progress) = (client.clone(), accepted.clone(), progress.clone());
+        move |body: Bytes, count: usize| {
+            let (client, url, accepted, progress) = (client.clone(), url.clone(), accepted.clone(), progress.clone());
+            async move {
                 let taken = post(&client, &url, content_type, body).await?;
                 accepted.fetch_add(taken, std::sync::atomic::Ordering::Relaxed);
                 progress.sent(count as u64);
+                Ok::<_, anyhow::Error>(())
             }
-        });
+        }
+    };
+    let started = Instant::now();
+    let mut senders = JoinSet::new();
+    let mut paced = None;
+    match rate {
+        None => {
+            let queue = Arc::new(Mutex::new(batches.into_iter()));
+            for _ in 0..concurrency.max(1) {
+                let (queue, send) = (queue.clone(), send.clone());
+                senders.spawn(async move {
+                    loop {
+                        let next = queue.lock().unwrap_or_else(|e| e.into_inner()).next();
+                        let Some((body, count)) = next else {
+                            return Ok::<_, anyhow::Error>(());
+                        };
+                        send(body, count).await?;
+                    }
+                });
+            }
+        }
+        Some(rate) => {
+            // Open loop: each request leaves when due, on a connection of its own if the
+            // earlier ones are still waiting for their answers.
+            let schedule = super::pace::schedule(batches.iter().map(|(_, n)| *n), f64::from(rate));
+            let (mut posted, mut behind, mut last) = (0u64, Duration::ZERO, (0u64, Duration::ZERO));
+            for ((body, count), offset) in batches.into_iter().zip(schedule) {
+                let due = started + offset;
+                tokio::time::sleep_until(due.into()).await;
+                behind = behind.max(due.elapsed());
+                last = (posted, started.elapsed());
+                posted += count as u64;
+                senders.spawn(send(body, count));
+            }
+            paced = Some((last.0, last.1, behind));
+        }
     }
     while let Some(done) = senders.join_next().await {
         done??;
@@ -98,7 +132,7 @@ pub async fn run(
     let d = last.since(&before);
     // vector_bytes is filled by the caller, which knows the dims.
     let counts = d.counts(parts_sent, accepted.load(std::sync::atomic::Ordering::Relaxed), 0, Some(json_bytes));
-    Ok(HttpRun { counts, latency: Latency::from_buckets(&d.latency_buckets), wall, submitted })
+    Ok(HttpRun { counts, latency: Latency::from_buckets(&d.latency_buckets), wall, submitted, paced })
 }
 
 /// Posts one body until the server takes it; returns the items it accepted. A 503

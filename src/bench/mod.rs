@@ -21,6 +21,7 @@
 pub mod cpu;
 pub mod http;
 pub mod load;
+pub mod pace;
 pub mod report;
 pub mod scrape;
 
@@ -35,9 +36,10 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use tokio::task::JoinSet;
 
 use crate::config::{PartSettings, Settings, SinkBackend, StateBackend};
+use crate::sink::SinkClient;
 use crate::Pipeline;
 use load::{LoadSpec, Order};
-use report::{Latency, RunShape, Summary};
+use report::{Latency, Paced, RunShape, Summary};
 
 use cpu::CpuCost;
 use scrape::Scrape;
@@ -81,11 +83,17 @@ pub struct BenchArgs {
     /// Share of parts sent twice (0.0 to 1.0), each copy at a random later position.
     #[arg(long, default_value_t = 0.0, value_parser = ratio)]
     pub duplicates: f64,
-    /// Concurrent senders.
+    /// Concurrent senders (without --rate).
     #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..))]
     pub concurrency: u32,
-    /// State store URL (redis://host:port); overrides redis.url.
-    #[arg(long, value_name = "URL", conflicts_with = "http")]
+    /// Paced load: offer N embeddings per second, open loop (each batch is sent when it is
+    /// due, whether or not earlier ones were answered), and report the latency of each part
+    /// to its document indexed. Without it the senders go as fast as they are taken.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..), conflicts_with = "sweep")]
+    pub rate: Option<u32>,
+    /// State store URL (redis://host:port); overrides redis.url. With --http, the Redis the
+    /// server uses, read only for its CPU, commands and bytes.
+    #[arg(long, value_name = "URL")]
     pub redis: Option<String>,
     /// Where documents go: `null` (discarded, no I/O) or an Elasticsearch base URL;
     /// overrides the configured sink.
@@ -104,6 +112,10 @@ pub struct BenchArgs {
     /// instead of an in-process pipeline.
     #[arg(long, value_name = "URL")]
     pub http: Option<String>,
+    /// With --http: the server's process id on this machine, to read its CPU time
+    /// (/proc/PID/stat) before and after, for CPU per embedding.
+    #[arg(long, value_name = "PID", requires = "http")]
+    pub pid: Option<u32>,
     /// With --http: the request body format, json or msgpack (vectors as little-endian bytes).
     #[arg(long, value_enum, default_value_t = BodyFormat::Json)]
     pub format: BodyFormat,
@@ -120,12 +132,17 @@ const AFTER_HELP: &str = "\
 Figures: embeddings/s and documents/s over the wall time (first part sent to last document \
 acknowledged, drain included); vector MB/s counts the f32 payload (4 bytes x dims per part), \
 JSON MB/s the request bodies (--http); Redis merges and bulk requests per indexed document; \
-part -> indexed latency p50/p99/max; peak RSS (VmHWM of this process, in-process only).
+last part -> indexed latency p50/p99/max (per document); with --rate, each part -> indexed \
+(per part, from when it was due); CPU per embedding of this process (of the server with \
+--http --pid) and of Redis, Redis commands and bytes per embedding; peak RSS (VmHWM of this \
+process, in-process only).
 
 Examples:
   embedjoin bench --redis redis://127.0.0.1:6379 --sink null --order split
+  embedjoin bench --redis redis://127.0.0.1:6379 --sink null --order split --rate 10000
   embedjoin bench --redis redis://127.0.0.1:6379 --sink null --sweep shards=1,2,4,8
-  embedjoin bench --http http://127.0.0.1:8080 --entities 5000";
+  embedjoin bench --http http://127.0.0.1:8080 --entities 5000
+  embedjoin bench --http http://127.0.0.1:8080 --pid SERVER_PID --redis redis://127.0.0.1:6379 --rate 5000";
 
 /// `--sink`: discard, or an Elasticsearch base URL.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -385,13 +402,21 @@ fn shape(mode: &'static str, settings: &Settings, args: &BenchArgs) -> RunShape 
 }
 
 async fn in_process(settings: &Settings, args: &BenchArgs, label: Option<String>) -> anyhow::Result<Summary> {
-    let batches = load_spec(settings, args, "bench-".into()).part_batches();
+    const ID_PREFIX: &str = "bench-";
+    let spec = load_spec(settings, args, ID_PREFIX.into());
+    let batches = spec.part_batches();
     let parts_sent: u64 = batches.iter().map(|b| b.len() as u64).sum();
     let vector_bytes: u64 = batches.iter().flatten().map(|p| p.vector.len() as u64 * 4).sum();
     let load_bytes: u64 =
         batches.iter().flatten().map(|p| (p.vector.capacity() * 4 + p.id.capacity() + size_of_val(p)) as u64).sum();
     reset_peak_rss();
-    let pipeline = Pipeline::start(settings).await?;
+    // Paced with the null sink: the bench sees what the sink acknowledges, and when.
+    let index_log = (args.rate.is_some() && settings.sink.backend == SinkBackend::Null)
+        .then(|| pace::IndexLog::new(ID_PREFIX, args.entities as usize));
+    let pipeline = match &index_log {
+        Some(log) => Pipeline::start_with_sink(settings, SinkClient::Observed(log.observer())).await?,
+        None => Pipeline::start(settings).await?,
+    };
     let (cpu_before, redis_before) = (cpu::process_seconds(), cpu::redis_reading(settings).await);
     let metrics = pipeline.metrics.clone();
     let progress = Progress::new(args, parts_sent, label);
@@ -404,18 +429,11 @@ async fn in_process(settings: &Settings, args: &BenchArgs, label: Option<String>
             }
         })
     };
-    let queue = Arc::new(Mutex::new(batches.into_iter()));
-    let started = Instant::now();
-    let mut senders = JoinSet::new();
-    for _ in 0..args.concurrency {
-        let (router, queue) = (pipeline.router.clone(), queue.clone());
-        let (metrics, progress) = (metrics.clone(), progress.clone());
-        senders.spawn(async move {
-            loop {
-                let next = queue.lock().unwrap_or_else(|e| e.into_inner()).next();
-                let Some(mut batch) = next else {
-                    return Ok::<_, anyhow::Error>(());
-                };
+    let submit = {
+        let (router, metrics, progress) = (pipeline.router.clone(), metrics.clone(), progress.clone());
+        move |mut batch: Vec<crate::model::Part>| {
+            let (router, metrics, progress) = (router.clone(), metrics.clone(), progress.clone());
+            async move {
                 // Arrival is now, as ingress would stamp it, not generation time.
                 let now = Instant::now();
                 for part in &mut batch {
@@ -425,8 +443,47 @@ async fn in_process(settings: &Settings, args: &BenchArgs, label: Option<String>
                 router.submit(batch).await?;
                 metrics.parts_received.inc_by(n);
                 progress.sent(n);
+                Ok::<_, anyhow::Error>(())
             }
-        });
+        }
+    };
+    let started = Instant::now();
+    let mut senders = JoinSet::new();
+    // Paced: (item, due) of every part sent, and how late the worst batch left.
+    let mut due_parts = Vec::new();
+    let mut behind = Duration::ZERO;
+    // Paced: parts sent before the last batch left, and when it left.
+    let (mut before_last, mut sending) = (0u64, Duration::ZERO);
+    match args.rate {
+        None => {
+            let queue = Arc::new(Mutex::new(batches.into_iter()));
+            for _ in 0..args.concurrency {
+                let (queue, submit) = (queue.clone(), submit.clone());
+                senders.spawn(async move {
+                    loop {
+                        let next = queue.lock().unwrap_or_else(|e| e.into_inner()).next();
+                        let Some(batch) = next else {
+                            return Ok::<_, anyhow::Error>(());
+                        };
+                        submit(batch).await?;
+                    }
+                });
+            }
+        }
+        Some(rate) => {
+            let items = spec.sequence();
+            let schedule = pace::schedule(batches.iter().map(Vec::len), f64::from(rate));
+            let mut items = items.chunks(spec.batch_size);
+            for (batch, offset) in batches.into_iter().zip(schedule) {
+                let due = started + offset;
+                tokio::time::sleep_until(due.into()).await;
+                behind = behind.max(due.elapsed());
+                due_parts.extend(items.next().unwrap_or_default().iter().map(|s| (s.entity, due)));
+                before_last = due_parts.len() as u64 - batch.len() as u64;
+                sending = started.elapsed();
+                senders.spawn(submit(batch));
+            }
+        }
     }
     while let Some(done) = senders.join_next().await {
         done.context("a sender task failed")??;
@@ -454,8 +511,37 @@ async fn in_process(settings: &Settings, args: &BenchArgs, label: Option<String>
         peak_rss(),
         Some(load_bytes),
     );
-    summary.cpu = Some(CpuCost::between((cpu_before, cpu_after), (redis_before, redis_after), embeddings));
+    summary.cpu = Some(CpuCost::between(Some((cpu_before, cpu_after)), (redis_before, redis_after), embeddings));
+    summary.paced = args.rate.map(|rate| {
+        let (each_part, not_indexed) = match &index_log {
+            Some(log) => {
+                let (h, never) = log.part_latencies(&due_parts);
+                (Latency::from_hdr(&h), never)
+            }
+            None => (None, 0),
+        };
+        paced(rate, before_last, sending, behind, each_part, not_indexed)
+    });
     Ok(summary)
+}
+
+/// The figures of a paced run; `parts` were sent before the last batch left, `sending`
+/// after the start.
+fn paced(
+    rate: u32,
+    parts: u64,
+    sending: Duration,
+    behind: Duration,
+    each_part: Option<Latency>,
+    parts_not_indexed: u64,
+) -> Paced {
+    Paced {
+        offered_per_s: f64::from(rate),
+        sent_per_s: parts as f64 / sending.as_secs_f64().max(1e-9),
+        max_behind_ms: behind.as_secs_f64() * 1000.0,
+        each_part,
+        parts_not_indexed,
+    }
 }
 
 async fn over_http(url: &str, settings: &Settings, args: &BenchArgs, label: Option<String>) -> anyhow::Result<Summary> {
@@ -468,19 +554,43 @@ async fn over_http(url: &str, settings: &Settings, args: &BenchArgs, label: Opti
     };
     let parts: u64 = batches.iter().map(|(_, n)| *n as u64).sum();
     let progress = Progress::new(args, parts, label);
+    // Redis is read only when named: the server's own config is not ours to guess.
+    let read_redis = || async {
+        if args.redis.is_some() {
+            cpu::redis_reading(settings).await
+        } else {
+            None
+        }
+    };
+    let server = |pid: Option<u32>| pid.and_then(cpu::pid_seconds);
+    let (server_before, redis_before) = (server(args.pid), read_redis().await);
     let outcome = http::run(
         url,
         batches,
         args.format.content_type(),
         args.concurrency as usize,
+        args.rate,
         args.entities as usize,
         &progress,
     )
     .await;
+    // The server may still write to Redis after its last document is indexed (completion
+    // records are written off the shards' path): read once Redis has stopped moving.
+    let mut redis_after = read_redis().await;
+    let settle = Instant::now();
+    while let Some(last) = redis_after.filter(|_| settle.elapsed() < SETTLE) {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        redis_after = read_redis().await;
+        if redis_after.is_none_or(|now| now.commands == last.commands) {
+            break;
+        }
+    }
+    let server_after = server(args.pid);
     progress.finish();
     let mut run = outcome?;
     run.counts.vector_bytes = vector_bytes;
-    Ok(Summary::new(
+    let embeddings = run.counts.parts_accepted;
+    let mut summary = Summary::new(
         shape("http", settings, args),
         run.counts,
         run.wall.as_secs_f64(),
@@ -488,8 +598,23 @@ async fn over_http(url: &str, settings: &Settings, args: &BenchArgs, label: Opti
         run.latency,
         None,
         None,
-    ))
+    );
+    let server_cpu = server_before.zip(server_after);
+    if args.pid.is_some() && server_cpu.is_none() {
+        eprintln!("note: cannot read the CPU time of process {:?} from /proc", args.pid);
+    }
+    if redis_before.is_some() || server_cpu.is_some() {
+        summary.cpu = Some(CpuCost::between(server_cpu, (redis_before, redis_after), embeddings));
+    }
+    if let (Some(rate), Some((before_last, sending, behind))) = (args.rate, run.paced) {
+        summary.paced = Some(paced(rate, before_last, sending, behind, None, 0));
+    }
+    Ok(summary)
 }
+
+/// Longest an `--http` run waits for the server's Redis commands to stop after its last
+/// document is indexed, before reading Redis's and the server's CPU.
+const SETTLE: Duration = Duration::from_secs(5);
 
 /// The progress bar on stderr: documents finished out of items, and parts sent. Hidden
 /// with `--json` or when stderr is not a terminal.
@@ -622,9 +747,30 @@ mod tests {
             &["--sweep", "flush_interval=soon"],
             &["--dims", "0"],
             &["--http", "http://x", "--shards", "2"],
+            &["--rate", "0"],
+            &["--rate", "fast"],
+            &["--rate", "1000", "--sweep", "shards=1,2"],
         ] {
             assert!(parse(bad).is_err(), "{bad:?} was accepted");
         }
+    }
+
+    #[test]
+    fn a_rate_paces_in_process_or_over_http_and_redis_may_be_read_over_http() {
+        assert_eq!(parse(&["--rate", "12000"]).unwrap().rate, Some(12_000));
+        assert_eq!(parse(&[]).unwrap().rate, None);
+        let a = parse(&["--http", "http://x", "--rate", "500", "--redis", "redis://127.0.0.1:6400"]).unwrap();
+        assert_eq!((a.rate, a.redis.as_deref()), (Some(500), Some("redis://127.0.0.1:6400")));
+        assert_eq!(parse(&["--http", "http://x", "--pid", "42"]).unwrap().pid, Some(42));
+        assert!(parse(&["--pid", "42"]).is_err(), "--pid is for --http");
+    }
+
+    #[test]
+    fn paced_figures_use_the_time_until_the_last_batch_left() {
+        let p = paced(8000, 39_900, Duration::from_millis(4_987), Duration::from_micros(1500), None, 0);
+        assert_eq!(p.offered_per_s, 8000.0);
+        assert!((p.sent_per_s - 8000.8).abs() < 0.1, "{p:?}");
+        assert_eq!(p.max_behind_ms, 1.5);
     }
 
     #[test]

@@ -10,7 +10,9 @@ use serde::Serialize;
 
 use super::load::Order;
 
-/// Latency from a part's arrival to the sink's acknowledgement of its document.
+/// Latency to the sink's acknowledgement of a document: per document from the arrival of
+/// the part that completed it (the pipeline's own histogram), or, in paced mode, per part
+/// from when it was due ([`Paced::each_part`]).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
 pub struct Latency {
     pub p50_ms: f64,
@@ -120,8 +122,26 @@ pub struct Summary {
     pub peak_rss_bytes: Option<u64>,
     /// Memory of the pre-generated load, which the peak includes (it becomes the parts).
     pub load_bytes: Option<u64>,
-    /// CPU per embedding of this process and of Redis (in-process only).
+    /// CPU per embedding of this process (in-process only) and of Redis (when known).
     pub cpu: Option<super::cpu::CpuCost>,
+    /// The offered load and the latency of each part, with `--rate`.
+    pub paced: Option<Paced>,
+}
+
+/// What a paced run (`--rate`) offered, and how each part fared.
+#[derive(Debug, Clone, Serialize)]
+pub struct Paced {
+    /// Embeddings per second offered (`--rate`).
+    pub offered_per_s: f64,
+    /// Embeddings per second actually sent: parts over the time to send them.
+    pub sent_per_s: f64,
+    /// How late the latest batch left, after the time it was due.
+    pub max_behind_ms: f64,
+    /// Over parts: from each part's due time to its document's acknowledgement. None over
+    /// `--http`, or with a sink other than `null` (the bench cannot see those sinks).
+    pub each_part: Option<Latency>,
+    /// Parts whose item was not indexed after them (a late copy with no partner).
+    pub parts_not_indexed: u64,
 }
 
 /// Raw counts a run collects; [`Summary::new`] derives the rates.
@@ -199,6 +219,7 @@ impl Summary {
             peak_rss_bytes,
             load_bytes,
             cpu: None,
+            paced: None,
         }
     }
 
@@ -276,26 +297,59 @@ impl Summary {
                 self.bulk_requests
             ),
         );
+        if let Some(p) = &self.paced {
+            row(
+                "offered load",
+                format!(
+                    "{} embeddings/s, open loop; sent at {}/s, at worst {} ms behind schedule",
+                    grouped(p.offered_per_s),
+                    grouped(p.sent_per_s),
+                    ms(p.max_behind_ms)
+                ),
+            );
+        }
         row(
-            "part -> indexed",
+            "last part -> indexed",
             match self.latency {
                 Some(l) => format!(
-                    "p50 {} ms, p99 {} ms, max {}{} ms{}",
-                    ms(l.p50_ms),
-                    ms(l.p99_ms),
-                    if l.exact { "" } else { "<= " },
-                    ms(l.max_ms),
-                    if l.exact { "" } else { " (from the server's histogram buckets)" }
+                    "{} (per document, from the arrival of the part that completed it{})",
+                    latency(&l),
+                    if l.exact { "" } else { "; from the server's histogram buckets" }
                 ),
                 None => "no document acknowledged".into(),
             },
         );
-        if let Some(cpu) = &self.cpu {
-            let redis = match (cpu.redis_us_per_embedding, cpu.redis_commands_per_embedding) {
-                (Some(us), Some(commands)) => format!("; Redis {us:.1} µs ({commands:.2} commands)"),
-                _ => String::new(),
+        if let Some(p) = &self.paced {
+            let not_indexed = match p.parts_not_indexed {
+                0 => String::new(),
+                n => format!("; {n} parts not indexed after they were sent"),
             };
-            row("CPU/embedding", format!("this process {:.1} µs{redis}", cpu.service_us_per_embedding));
+            row(
+                "each part -> indexed",
+                match &p.each_part {
+                    Some(l) => format!(
+                        "{} (over parts, from when each was due to its document indexed; includes waiting for the item's other parts{not_indexed})",
+                        latency(l)
+                    ),
+                    None => "not seen from here (in process with --sink null only)".into(),
+                },
+            );
+        }
+        if let Some(cpu) = &self.cpu {
+            let mut figures = Vec::new();
+            if let Some(us) = cpu.service_us_per_embedding {
+                let who = if self.mode == "http" { "the server" } else { "this process" };
+                figures.push(format!("{who} {us:.1} µs"));
+            }
+            if let Some(us) = cpu.redis_us_per_embedding {
+                figures.push(format!("Redis {us:.1} µs"));
+            }
+            if !figures.is_empty() {
+                row("CPU/embedding", figures.join("; "));
+            }
+            if let (Some(commands), Some(bytes)) = (cpu.redis_commands_per_embedding, cpu.redis_bytes_per_embedding) {
+                row("Redis/embedding", format!("{commands:.2} commands, {} bytes in and out", grouped(bytes)));
+            }
         }
         row(
             "peak RSS",
@@ -350,6 +404,17 @@ pub fn grouped(x: f64) -> String {
         out.push(c);
     }
     out
+}
+
+/// p50, p99 and max; the max of bucketed figures is an upper bound.
+fn latency(l: &Latency) -> String {
+    format!(
+        "p50 {} ms, p99 {} ms, max {}{} ms",
+        ms(l.p50_ms),
+        ms(l.p99_ms),
+        if l.exact { "" } else { "<= " },
+        ms(l.max_ms)
+    )
 }
 
 /// Milliseconds with precision where it matters: 0.123, 4.56, 78.9, 1234.
@@ -474,6 +539,47 @@ mod tests {
             assert!(t.contains(needle), "missing {needle:?} in\n{t}");
         }
         assert!(!t.contains("JSON MB/s"));
+    }
+
+    #[test]
+    fn a_paced_run_shows_its_offered_load_and_both_latencies() {
+        let latency = |p50_ms, p99_ms, max_ms| Latency { p50_ms, p99_ms, max_ms, exact: true };
+        let mut s = summary(1000);
+        s.latency = Some(latency(12.0, 80.0, 95.0));
+        s.paced = Some(Paced {
+            offered_per_s: 8000.0,
+            sent_per_s: 7999.6,
+            max_behind_ms: 1.25,
+            each_part: Some(latency(300.0, 2700.0, 2800.0)),
+            parts_not_indexed: 3,
+        });
+        let t = s.table();
+        for needle in [
+            "offered load          8,000 embeddings/s, open loop; sent at 8,000/s, at worst 1.25 ms behind schedule",
+            "last part -> indexed  p50 12.0 ms, p99 80.0 ms, max 95.0 ms (per document",
+            "each part -> indexed  p50 300 ms, p99 2700 ms, max 2800 ms (over parts",
+            "3 parts not indexed",
+        ] {
+            assert!(t.contains(needle), "missing {needle:?} in\n{t}");
+        }
+        s.paced.as_mut().unwrap().each_part = None;
+        assert!(s.table().contains("each part -> indexed  not seen from here"));
+        let v: serde_json::Value = serde_json::from_str(&s.json_line()).unwrap();
+        assert_eq!(v["paced"]["offered_per_s"], 8000.0);
+    }
+
+    #[test]
+    fn redis_commands_and_bytes_are_shown_per_embedding() {
+        let mut s = summary(1000);
+        s.cpu = Some(crate::bench::cpu::CpuCost {
+            service_us_per_embedding: None,
+            redis_us_per_embedding: Some(12.5),
+            redis_commands_per_embedding: Some(2.5),
+            redis_bytes_per_embedding: Some(4321.0),
+        });
+        let t = s.table();
+        assert!(t.contains("CPU/embedding         Redis 12.5 µs\n"), "{t}");
+        assert!(t.contains("Redis/embedding       2.50 commands, 4,321 bytes in and out"), "{t}");
     }
 
     #[test]

@@ -27,7 +27,7 @@ use super::{Metadata, Part, Schema, RESERVED_FIELDS};
 use crate::config::{Settings, Similarity};
 
 // A child of this module (though it sits beside it) so that it can build `RawItem`s.
-#[path = "decode.rs"]
+#[path = "decode/mod.rs"]
 pub mod decode;
 
 pub use decode::DecodeError;

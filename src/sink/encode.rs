@@ -273,6 +273,47 @@ mod tests {
         assert_eq!(src["missing_parts"], serde_json::json!(["I"]));
     }
 
+    /// The bulk body's floats read back, correctly rounded, as the very `f32`s indexed:
+    /// random bit patterns of every magnitude, and the edges (signed zeros, subnormals,
+    /// the largest finite values, powers of two and ten).
+    #[test]
+    fn array_vectors_round_trip_to_the_same_f32_bits() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::SmallRng::seed_from_u64(3);
+        let mut values: Vec<f32> = vec![
+            0.0,
+            -0.0,
+            f32::MIN_POSITIVE,
+            -f32::MIN_POSITIVE,
+            f32::from_bits(1),
+            f32::from_bits(0x007f_ffff),
+            f32::MAX,
+            f32::MIN,
+            f32::EPSILON,
+            1.0,
+            0.1,
+            1e-7,
+            16777216.0,
+            16777217.0,
+            3.4e38,
+            1e-45,
+        ];
+        values.extend((0..20_000).map(|_| f32::from_bits(rng.random::<u32>())).filter(|x| x.is_finite()));
+        values.extend((0..20_000).map(|_| rng.random_range(-1.0f32..1.0)));
+        let schema = Schema::new(&[PartSettings { type_name: "T".into(), field: "v".into(), dims: values.len() }]);
+        let mut buf = BytesMut::new();
+        let source =
+            encode_op(&mut buf, &doc("r", vec![values.clone()], None), &schema, VectorEncoding::Array, Action::Index);
+        let text = std::str::from_utf8(&buf[source]).unwrap();
+        let array = &text[text.find("\"v\":[").unwrap() + 5..];
+        let array = &array[..array.find(']').unwrap()];
+        let back: Vec<f32> = array.split(',').map(|x| x.parse().unwrap()).collect();
+        assert_eq!(back.len(), values.len());
+        for (x, y) in values.iter().zip(&back) {
+            assert_eq!(x.to_bits(), y.to_bits(), "{x:e} came back as {y:e}");
+        }
+    }
+
     #[test]
     fn base64_vectors_are_big_endian_f32() {
         let schema = Schema::new(&[PartSettings { type_name: "T".into(), field: "v".into(), dims: 2 }]);

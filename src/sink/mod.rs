@@ -8,6 +8,8 @@ pub mod encode;
 pub mod file;
 pub mod retry;
 
+use std::sync::Arc;
+
 use bytes::Bytes;
 
 use crate::config::{LatePartsAction, Settings, SinkBackend};
@@ -55,7 +57,13 @@ pub enum SinkClient {
     File(file::FileSink),
     /// Acknowledges every item (201) without I/O: benchmarks measure the pipeline alone.
     Null,
+    /// Like `Null`, after showing each body to an observer: the benchmark learns when each
+    /// document is acknowledged. Never built from settings.
+    Observed(BodyObserver),
 }
+
+/// Sees each bulk body a [`SinkClient::Observed`] acknowledges, as it acknowledges it.
+pub type BodyObserver = Arc<dyn Fn(&Bytes) + Send + Sync>;
 
 /// Why the service does not start when guarded updates cannot run.
 pub const NO_PAINLESS: &str = "state.late_parts = \"update\" writes guarded updates as painless scripts, \
@@ -104,7 +112,7 @@ impl SinkClient {
                 Ok(())
             }
             SinkClient::File(file) => file.open().await,
-            SinkClient::Null => Ok(()),
+            SinkClient::Null | SinkClient::Observed(_) => Ok(()),
         }
     }
 
@@ -114,13 +122,17 @@ impl SinkClient {
             SinkClient::Elasticsearch(es) => es.bulk(body, count).await,
             SinkClient::File(file) => file.bulk(body, count).await,
             SinkClient::Null => Ok(vec![ItemStatus { status: 201, error: None, noop: false }; count]),
+            SinkClient::Observed(observe) => {
+                observe(&body);
+                Ok(vec![ItemStatus { status: 201, error: None, noop: false }; count])
+            }
         }
     }
 
     pub async fn ping(&self) -> Result<(), SinkError> {
         match self {
             SinkClient::Elasticsearch(es) => es.ping().await,
-            SinkClient::File(_) | SinkClient::Null => Ok(()),
+            SinkClient::File(_) | SinkClient::Null | SinkClient::Observed(_) => Ok(()),
         }
     }
 }
