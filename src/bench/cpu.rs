@@ -45,6 +45,8 @@ pub struct RedisReading {
     pub commands: u64,
     /// Bytes in and out over every client connection (the bench's INFO calls included).
     pub net_bytes: u64,
+    /// `used_memory`: what Redis's allocator holds.
+    pub used_memory: u64,
 }
 
 /// Reads Redis's CPU and command totals, when the run uses Redis.
@@ -57,7 +59,25 @@ pub async fn redis_reading(settings: &Settings) -> Option<RedisReading> {
     let cpu: String = redis::cmd("INFO").arg("cpu").query_async(&mut conn).await.ok()?;
     let commands: String = redis::cmd("INFO").arg("commandstats").query_async(&mut conn).await.ok()?;
     let stats: String = redis::cmd("INFO").arg("stats").query_async(&mut conn).await.ok()?;
-    Some(parse(&cpu, &commands, &stats))
+    let memory: String = redis::cmd("INFO").arg("memory").query_async(&mut conn).await.ok()?;
+    let mut reading = parse(&cpu, &commands, &stats);
+    reading.used_memory = memory.lines().find_map(|l| l.strip_prefix("used_memory:")?.trim().parse().ok()).unwrap_or(0);
+    Some(reading)
+}
+
+/// How many completed items this run's key prefix remembers in Redis (the fields of its
+/// record hashes, `state::records`).
+pub async fn records(settings: &Settings) -> Option<u64> {
+    let client = redis::Client::open(settings.redis.url.as_str()).ok()?;
+    let mut conn = client.get_multiplexed_async_connection().await.ok()?;
+    let pattern = format!("{}records:*", settings.redis.key_prefix);
+    let keys: Vec<String> = redis::cmd("KEYS").arg(pattern).query_async(&mut conn).await.ok()?;
+    let mut pipe = redis::pipe();
+    for key in &keys {
+        pipe.cmd("HLEN").arg(key);
+    }
+    let lengths: Vec<u64> = if keys.is_empty() { Vec::new() } else { pipe.query_async(&mut conn).await.ok()? };
+    Some(lengths.iter().sum())
 }
 
 fn parse(cpu: &str, commandstats: &str, stats: &str) -> RedisReading {
@@ -75,6 +95,7 @@ fn parse(cpu: &str, commandstats: &str, stats: &str) -> RedisReading {
         cpu_seconds: field(cpu, "used_cpu_user:") + field(cpu, "used_cpu_sys:"),
         commands,
         net_bytes: (field(stats, "total_net_input_bytes:") + field(stats, "total_net_output_bytes:")) as u64,
+        used_memory: 0,
     }
 }
 
@@ -90,9 +111,26 @@ pub struct CpuCost {
     pub redis_commands_per_embedding: Option<f64>,
     /// Bytes Redis received and sent per embedding.
     pub redis_bytes_per_embedding: Option<f64>,
+    /// Completed items the run left remembered in Redis, and Redis's memory growth over
+    /// the run per such record (in-process runs: the run's keys are its records by then).
+    pub redis_records: Option<u64>,
+    pub redis_bytes_per_record: Option<f64>,
 }
 
 impl CpuCost {
+    /// Adds the records a run left and Redis's memory growth per record.
+    pub fn with_records(
+        mut self,
+        records: Option<u64>,
+        redis: (Option<RedisReading>, Option<RedisReading>),
+    ) -> CpuCost {
+        if let (Some(n), (Some(a), Some(b))) = (records.filter(|&n| n > 0), redis) {
+            self.redis_records = Some(n);
+            self.redis_bytes_per_record = Some(b.used_memory.saturating_sub(a.used_memory) as f64 / n as f64);
+        }
+        self
+    }
+
     pub fn between(
         service: Option<(f64, f64)>,
         redis: (Option<RedisReading>, Option<RedisReading>),
@@ -112,6 +150,8 @@ impl CpuCost {
             redis_us_per_embedding: redis_us,
             redis_commands_per_embedding: commands,
             redis_bytes_per_embedding: bytes,
+            redis_records: None,
+            redis_bytes_per_record: None,
         }
     }
 }
@@ -128,7 +168,7 @@ mod tests {
             "# Stats\r\ntotal_net_input_bytes:1000\r\ntotal_net_output_bytes:500\r\ntotal_net_repl_input_bytes:7\r\n";
         let before = parse(cpu, stats, net);
         assert_eq!((before.cpu_seconds, before.commands, before.net_bytes), (3.75, 40, 1500));
-        let after = RedisReading { cpu_seconds: 4.75, commands: 240, net_bytes: 201_501_500 };
+        let after = RedisReading { cpu_seconds: 4.75, commands: 240, net_bytes: 201_501_500, used_memory: 0 };
         let cost = CpuCost::between(Some((1.0, 1.5)), (Some(before), Some(after)), 100_000);
         assert!((cost.service_us_per_embedding.unwrap() - 5.0).abs() < 1e-9);
         assert!((cost.redis_bytes_per_embedding.unwrap() - 2015.0).abs() < 1e-9);

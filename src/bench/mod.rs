@@ -492,6 +492,10 @@ async fn in_process(settings: &Settings, args: &BenchArgs, label: Option<String>
     pipeline.shutdown().await;
     let wall = started.elapsed();
     let (cpu_after, redis_after) = (cpu::process_seconds(), cpu::redis_reading(settings).await);
+    let records = match settings.state.backend {
+        StateBackend::Redis => cpu::records(settings).await,
+        StateBackend::Embedded => None,
+    };
     watcher.abort();
     progress.finish();
     if let Err(e) = clean_up(settings).await {
@@ -511,7 +515,8 @@ async fn in_process(settings: &Settings, args: &BenchArgs, label: Option<String>
         peak_rss(),
         Some(load_bytes),
     );
-    summary.cpu = Some(CpuCost::between(Some((cpu_before, cpu_after)), (redis_before, redis_after), embeddings));
+    let cost = CpuCost::between(Some((cpu_before, cpu_after)), (redis_before, redis_after), embeddings);
+    summary.cpu = Some(cost.with_records(records, (redis_before, redis_after)));
     summary.paced = args.rate.map(|rate| {
         let (each_part, not_indexed) = match &index_log {
             Some(log) => {

@@ -350,6 +350,15 @@ impl Summary {
             if let (Some(commands), Some(bytes)) = (cpu.redis_commands_per_embedding, cpu.redis_bytes_per_embedding) {
                 row("Redis/embedding", format!("{commands:.2} commands, {} bytes in and out", grouped(bytes)));
             }
+            if let (Some(records), Some(bytes)) = (cpu.redis_records, cpu.redis_bytes_per_record) {
+                row(
+                    "Redis/record",
+                    format!(
+                        "{bytes:.0} bytes per remembered item ({} records; used_memory growth over the run)",
+                        grouped(records as f64)
+                    ),
+                );
+            }
         }
         row(
             "peak RSS",
@@ -576,6 +585,8 @@ mod tests {
             redis_us_per_embedding: Some(12.5),
             redis_commands_per_embedding: Some(2.5),
             redis_bytes_per_embedding: Some(4321.0),
+            redis_records: None,
+            redis_bytes_per_record: None,
         });
         let t = s.table();
         assert!(t.contains("CPU/embedding         Redis 12.5 µs\n"), "{t}");

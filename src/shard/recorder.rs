@@ -20,6 +20,8 @@ use crate::state::{Completion, StateStore};
 
 /// Batches waiting before the shard waits too: bounded, like every queue.
 const QUEUE: usize = 8;
+/// Most completions in one store call.
+const CHUNK: usize = 1000;
 /// Longest pause between attempts while the store fails.
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
@@ -80,18 +82,30 @@ async fn run(shard: usize, store: StateStore, mut rx: mpsc::Receiver<Job>, give_
                 continue;
             }
         };
-        let mut backoff = Duration::from_millis(100);
-        loop {
-            let result = tokio::select! {
-                r = store.remember(&batch) => r,
-                _ = give_up.cancelled() => break lost(shard, batch.len()),
-            };
-            let Err(error) = result else { break };
-            tracing::warn!(shard, documents = batch.len(), %error, "Cannot record completions in the state store; retrying.");
-            tokio::select! {
-                _ = tokio::time::sleep(backoff) => backoff = (backoff * 2).min(MAX_BACKOFF),
-                _ = give_up.cancelled() => break lost(shard, batch.len()),
+        // A shard whose recorder fell behind hands over large batches: each store call
+        // takes a bounded part, so that it ends within the store's response timeout.
+        for (i, chunk) in batch.chunks(CHUNK).enumerate() {
+            if !record(shard, &store, chunk, &give_up).await {
+                lost(shard, batch.len() - i * CHUNK);
+                break;
             }
+        }
+    }
+}
+
+/// Records one chunk, retrying while the store fails; `false` if shutdown gave up first.
+async fn record(shard: usize, store: &StateStore, chunk: &[Completion], give_up: &CancellationToken) -> bool {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let result = tokio::select! {
+            r = store.remember(chunk) => r,
+            _ = give_up.cancelled() => return false,
+        };
+        let Err(error) = result else { return true };
+        tracing::warn!(shard, documents = chunk.len(), %error, "Cannot record completions in the state store; retrying.");
+        tokio::select! {
+            _ = tokio::time::sleep(backoff) => backoff = (backoff * 2).min(MAX_BACKOFF),
+            _ = give_up.cancelled() => return false,
         }
     }
 }

@@ -3,9 +3,9 @@
 --
 -- KEYS[1]  the item's hash          KEYS[2]  the partial index
 -- KEYS[3]  the item's outbox hash   KEYS[4]  the outbox index
--- KEYS[5..7]  the record hashes of the item's bucket: previous, current, next generation
+-- KEYS[5]  the record hash of the item's bucket
 -- ARGV[1]  the item id              ARGV[2]  the deadline, ms (updated since: not an orphan)
--- ARGV[3]  the record fingerprint
+-- ARGV[3]  the record fingerprint   ARGV[6+n], ARGV[7+n]  now and remember_completed, ms
 -- ARGV[4]  '' to drop the orphan, or the lease end (ms) of its outbox entry, to deliver it
 -- ARGV[5]  n, the number of part types; ARGV[6 .. 5+n] the types
 --
@@ -50,7 +50,7 @@ end
 entry[#entry + 1] = '_v'
 entry[#entry + 1] = version
 entry[#entry + 1] = '_orphan'
-if read_record({KEYS[5], KEYS[6], KEYS[7]}, id, ARGV[3], n) then
+if read_record(KEYS[5], id, ARGV[3], n, ARGV[6 + n], ARGV[7 + n]) then
   entry[#entry + 1] = 'late'
 else
   entry[#entry + 1] = 'partial'

@@ -9,10 +9,10 @@
 -- KEYS[1]  the item's hash          KEYS[2]  the item's outbox hash
 -- KEYS[3]  the outbox index (ids by lease expiry, ms)
 -- KEYS[4]  the partial index (ids by last update, ms)
--- KEYS[5..7]  the record hashes of the item's bucket: previous, current, next generation
+-- KEYS[5]  the record hash of the item's bucket
 -- ARGV[1]  the item id              ARGV[2]  now, ms
 -- ARGV[3]  TTL of an incomplete item, ms (a backstop: the orphan sweep acts first)
--- ARGV[4]  when the current record hash expires (unix ms)
+-- ARGV[4]  how long a completed item is remembered, ms
 -- ARGV[5]  the lease of a new outbox entry: until then, only this caller sends it
 -- ARGV[6]  '1' when a newer copy for a completed item updates its document (late_parts)
 -- ARGV[7]  the record fingerprint   ARGV[8]  n, the number of part types
@@ -27,8 +27,8 @@
 -- instead (made with `_update` = 1 if there is none; a completion waiting there takes them
 -- in), leased to the caller, and the entry is returned as for a completion.
 local item, outbox = KEYS[1], KEYS[2]
-local records = {KEYS[5], KEYS[6], KEYS[7]}
-local id, now, ttl, expire_at, lease = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
+local records = KEYS[5]
+local id, now, ttl, remember, lease = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
 local update, fingerprint, n = ARGV[6] == '1', ARGV[7], tonumber(ARGV[8])
 local first = 9 + n
 -- The stamps of the copies waiting here, and the record: what is known of each part.
@@ -38,7 +38,7 @@ for i = 9, 8 + n do
   slot[ARGV[i]] = #asked
 end
 local waiting = redis.call('HMGET', item, unpack(asked))
-local done, recorded, found_in = read_record(records, id, fingerprint, n)
+local done, recorded = read_record(records, id, fingerprint, n, now, remember)
 local known = {}
 for j = 1, n do
   local w, r = tonumber(waiting[j]), recorded and recorded[j]
@@ -82,7 +82,7 @@ if update and done then
   if #del > 0 then
     redis.call('HDEL', outbox, unpack(del))
   end
-  write_record(records, found_in, id, fingerprint, expire_at, done, known)
+  write_record(records, id, fingerprint, now, done, known)
   redis.call('ZADD', KEYS[3], lease, id)
   return redis.call('HGETALL', outbox)
 end
@@ -108,12 +108,12 @@ redis.call('ZREM', KEYS[4], id)
 if done and done >= version then
   -- A completion as new or newer was made before (and waits or was delivered).
   redis.call('DEL', item)
-  write_record(records, found_in, id, fingerprint, expire_at, done, known)
+  write_record(records, id, fingerprint, now, done, known)
   return 0
 end
 redis.call('HSET', item, '_v', string.format('%d', version))
 redis.call('RENAME', item, outbox) -- replaces an older completion waiting there
 redis.call('PERSIST', outbox)
 redis.call('ZADD', KEYS[3], lease, id)
-write_record(records, found_in, id, fingerprint, expire_at, version, known)
+write_record(records, id, fingerprint, now, version, known)
 return redis.call('HGETALL', outbox)

@@ -297,7 +297,13 @@ impl StateStore {
     pub async fn connect(settings: &Settings, schema: &Schema) -> Result<StateStore, StateError> {
         match settings.state.backend {
             StateBackend::Redis => {
-                let mut store = redis::RedisStore::connect(&settings.redis, &settings.state, schema).await?;
+                let mut store = redis::RedisStore::connect(
+                    &settings.redis,
+                    &settings.state,
+                    settings.durability.maintenance_interval,
+                    schema,
+                )
+                .await?;
                 store.letter_cap.max = settings.durability.dead_letter_max;
                 Ok(StateStore::Redis(store))
             }

@@ -3,54 +3,65 @@
 //! and a newer one updates the document (`record.lua` reads and writes it).
 //!
 //! A key per item would cost about 200 bytes in Redis (a key, its object, its expiry), more
-//! than the record itself. So records are packed, as fields of a few shared hashes:
+//! than the record itself. So records are packed, as fields of shared hashes:
 //!
 //! - **Buckets.** An item's record is the field `<id>` of the hash of its bucket,
-//!   `{prefix}records:{<bucket>}:<generation>`, bucket = FNV-1a of the id modulo
-//!   `redis.record_buckets`. Small hashes are listpacks: about 40 bytes per record.
-//! - **Generations.** Time is cut into generations of `remember_completed`. A record is
-//!   written into the current generation's hash (and leaves an older one it was found in);
-//!   it is read from the previous, current and next generation (instances' clocks may
-//!   differ by less than a generation). A generation's hash expires as a whole once no
-//!   reader looks at it: two generations after it began, plus a quarter for clock skew. A
-//!   record is so remembered for at least `remember_completed` and at most 2.25 times it.
-//! - **Value.** `struct.pack('<B' .. 'I7' x (n + 1))`: the fingerprint of the configured
-//!   part types (a record written for other parts is not read), the completion's version,
-//!   then each part's stamp in configured order (7 bytes: stamps stay below 2^53).
+//!   `{prefix}records:{<bucket>}`, bucket = FNV-1a of the id modulo
+//!   `redis.record_buckets`. Hashes of up to `hash-max-listpack-entries` (128) fields are
+//!   listpacks: about 45 bytes per record.
+//! - **Value.** `struct.pack('<B' .. 'I7' x (n + 2))`: the fingerprint of the configured
+//!   part types (a record written for other parts is not read), when it was written (unix
+//!   ms), the completion's version, then each part's stamp in configured order (7 bytes:
+//!   stamps stay below 2^53).
+//! - **Expiry.** Redis 7.0 has no expiry per hash field, so a record carries its time: a
+//!   record older than `remember_completed` is not read, and the maintenance of every
+//!   instance removes such records, a few buckets per round (`forget.lua`), so that each
+//!   bucket is visited every eighth of `remember_completed` (at most 1024 a round).
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
 
 use crate::model::Schema;
 
 /// The Lua functions of `record.lua`, prepended to the scripts that use them.
 pub const LUA: &str = include_str!("record.lua");
 
-/// Bytes of one packed stamp.
-const STAMP_BYTES: usize = 7;
+/// Most buckets one sweep round visits (a script call each): a short remember_completed
+/// leaves records in memory longer, never readable longer.
+const MAX_ROUND: u32 = 1024;
+
+/// Bytes of one packed number.
+const NUMBER_BYTES: usize = 7;
 
 pub struct Records {
     prefix: String,
     buckets: u32,
-    /// The length of a generation: `remember_completed`, in ms.
-    generation_ms: u64,
+    remember_ms: u64,
     fingerprint: u8,
     parts: usize,
-}
-
-/// The record keys of one item for one call, and when the current one expires.
-pub struct RecordKeys {
-    /// Previous, current and next generation.
-    pub keys: [String; 3],
-    /// Unix ms at which the current generation's hash expires (`PEXPIREAT`).
-    pub expire_at: u64,
+    /// The next bucket the sweep visits.
+    cursor: AtomicU32,
+    /// Buckets per sweep round.
+    per_round: u32,
 }
 
 impl Records {
-    pub fn new(prefix: &str, buckets: u32, remember_ms: u64, schema: &Schema) -> Records {
+    /// Records for `remember`, swept by maintenance rounds `round` apart.
+    pub fn new(prefix: &str, buckets: u32, remember: Duration, round: Duration, schema: &Schema) -> Records {
+        let buckets = buckets.max(1);
+        let remember_ms = remember.as_millis().clamp(1, u64::MAX as u128) as u64;
+        // Every bucket once per eighth of remember_completed.
+        let rounds = (remember_ms / 8) as f64 / (round.as_millis().max(1) as f64);
+        let per_round =
+            (f64::from(buckets) / rounds.max(1.0)).ceil().clamp(1.0, f64::from(buckets.min(MAX_ROUND))) as u32;
         Records {
             prefix: prefix.to_owned(),
-            buckets: buckets.max(1),
-            generation_ms: remember_ms.max(1),
+            buckets,
+            remember_ms,
             fingerprint: fingerprint(schema),
             parts: schema.len(),
+            cursor: AtomicU32::new(rand::random::<u32>() % buckets),
+            per_round,
         }
     }
 
@@ -59,24 +70,37 @@ impl Records {
         self.fingerprint
     }
 
-    pub fn keys(&self, id: &str, now_ms: u64) -> RecordKeys {
-        let bucket = fnv1a(id.as_bytes()) % self.buckets;
-        let generation = now_ms / self.generation_ms;
-        let key = |g: u64| format!("{}records:{{{bucket}}}:{g}", self.prefix);
-        RecordKeys {
-            keys: [key(generation.saturating_sub(1)), key(generation), key(generation + 1)],
-            expire_at: (generation + 2) * self.generation_ms + self.generation_ms / 4,
-        }
+    pub fn remember_ms(&self) -> u64 {
+        self.remember_ms
     }
 
-    /// A record's version, if the value is one for the configured parts.
-    pub fn version(&self, value: &[u8]) -> Option<u64> {
-        if value.len() != 1 + STAMP_BYTES * (self.parts + 1) || value[0] != self.fingerprint {
+    /// The hash that holds the record of `id`.
+    pub fn key(&self, id: &str) -> String {
+        self.bucket_key(fnv1a(id.as_bytes()) % self.buckets)
+    }
+
+    fn bucket_key(&self, bucket: u32) -> String {
+        format!("{}records:{{{bucket}}}", self.prefix)
+    }
+
+    /// The buckets this sweep round visits.
+    pub fn next_round(&self) -> Vec<String> {
+        let first = self.cursor.fetch_add(self.per_round, Ordering::Relaxed);
+        (0..self.per_round).map(|i| self.bucket_key(first.wrapping_add(i) % self.buckets)).collect()
+    }
+
+    /// A record's version, if it is one for the configured parts, written within
+    /// `remember_completed` of `now_ms`.
+    pub fn version(&self, value: &[u8], now_ms: u64) -> Option<u64> {
+        if value.len() != 1 + NUMBER_BYTES * (self.parts + 2) || value[0] != self.fingerprint {
             return None;
         }
-        let mut version = [0u8; 8];
-        version[..STAMP_BYTES].copy_from_slice(&value[1..1 + STAMP_BYTES]);
-        Some(u64::from_le_bytes(version))
+        let number = |i: usize| {
+            let mut n = [0u8; 8];
+            n[..NUMBER_BYTES].copy_from_slice(&value[1 + i * NUMBER_BYTES..1 + (i + 1) * NUMBER_BYTES]);
+            u64::from_le_bytes(n)
+        };
+        (number(0) + self.remember_ms > now_ms).then(|| number(1))
     }
 }
 
@@ -97,34 +121,43 @@ mod tests {
     use super::*;
     use crate::config::Settings;
 
-    #[test]
-    fn buckets_and_generations_are_stable_and_cover_remember_completed() {
+    fn records(buckets: u32) -> Records {
         let schema = Schema::new(&Settings::defaults().parts);
-        let records = Records::new("ej:", 16384, 1000, &schema);
+        Records::new("ej:", buckets, Duration::from_secs(8000), Duration::from_secs(1), &schema)
+    }
+
+    #[test]
+    fn an_id_has_one_bucket_and_a_round_visits_each_bucket_in_turn() {
+        let records = records(16384);
         assert_eq!(
             fnv1a(b"sku-1"),
             0x5ba1_d62c,
             "FNV-1a 32, as any implementation computes it: stored keys depend on it"
         );
-        let k = records.keys("sku-1", 5_500);
-        let bucket = 0x5ba1_d62c % 16384;
-        assert_eq!(k.keys, [4, 5, 6].map(|g| format!("ej:records:{{{bucket}}}:{g}")));
-        // Written at 5.5 s into generation 5, read until generation 7 ends: 7.25 s.
-        assert_eq!(k.expire_at, 7_250);
-        assert!(k.expire_at >= 5_500 + 1000);
+        assert_eq!(records.key("sku-1"), format!("ej:records:{{{}}}", 0x5ba1_d62c % 16384));
+        // 16384 buckets, every 1000 s (an eighth of 8000 s), in rounds of 1 s: 17 a round.
+        assert_eq!(records.per_round, 17);
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..1000 {
+            seen.extend(records.next_round());
+        }
+        assert_eq!(seen.len(), 16384, "every bucket within an eighth of remember_completed");
     }
 
     #[test]
-    fn a_record_for_other_parts_is_not_read() {
-        let schema = Schema::new(&Settings::defaults().parts);
-        let records = Records::new("ej:", 1, 1000, &schema);
-        let mut value = vec![records.fingerprint()];
-        for n in [42u64, 41, 42] {
-            value.extend_from_slice(&n.to_le_bytes()[..STAMP_BYTES]);
-        }
-        assert_eq!(records.version(&value), Some(42));
-        value[0] = value[0].wrapping_add(1);
-        assert_eq!(records.version(&value), None);
-        assert_eq!(records.version(&value[..8]), None);
+    fn a_record_for_other_parts_or_too_old_is_not_read() {
+        let records = records(1);
+        let value = |fingerprint: u8, written: u64| {
+            let mut value = vec![fingerprint];
+            for n in [written, 42, 41, 42] {
+                value.extend_from_slice(&n.to_le_bytes()[..NUMBER_BYTES]);
+            }
+            value
+        };
+        let fp = records.fingerprint();
+        assert_eq!(records.version(&value(fp, 1_000), 1_000 + 7_999_999), Some(42));
+        assert_eq!(records.version(&value(fp, 1_000), 1_000 + 8_000_000), None, "older than remember_completed");
+        assert_eq!(records.version(&value(fp.wrapping_add(1), 1_000), 2_000), None, "other parts");
+        assert_eq!(records.version(&value(fp, 1_000)[..8], 2_000), None);
     }
 }

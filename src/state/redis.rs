@@ -3,8 +3,8 @@
 //! - `{prefix}{<id>}`: the item's hash while some of its parts wait (see `merge.lua`): per
 //!   part type T, `T` (the vector, f32 little-endian), `s:T` (its stamp) and `m:T` (its
 //!   metadata). It moves to the outbox when the item completes.
-//! - `{prefix}records:{<bucket>}:<generation>`: the records of completed items, packed
-//!   (see [`super::records`]), for `state.remember_completed`.
+//! - `{prefix}records:{<bucket>}`: the records of completed items, packed (see
+//!   [`super::records`]), for `state.remember_completed`.
 //! - `{prefix}outbox:{<id>}`: a completed item not yet settled by the sink: the same
 //!   fields, `_v` its version, `_orphan` for parts swept as an orphan, `_update` for newer
 //!   parts that update the indexed document.
@@ -26,7 +26,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{ErrorKind, Script, ServerErrorKind, Value};
 
-use super::records::{RecordKeys, Records};
+use super::records::Records;
 use super::{
     Completion, DeadLetter, LetterCap, LetterCursor, MergeOutcome, StateError, StoredEntry, StoredItem, StoredLetter,
     Swept,
@@ -55,11 +55,12 @@ struct Scripts {
     claim: Script,
     park: Script,
     expire: Script,
+    forget: Script,
 }
 
 impl Scripts {
-    fn all(&self) -> [&Script; 6] {
-        [&self.merge, &self.remember, &self.confirm, &self.claim, &self.park, &self.expire]
+    fn all(&self) -> [&Script; 7] {
+        [&self.merge, &self.remember, &self.confirm, &self.claim, &self.park, &self.expire, &self.forget]
     }
 }
 
@@ -94,9 +95,12 @@ fn ms(d: Duration) -> u64 {
 
 impl RedisStore {
     /// Connects and loads the scripts.
+    /// Connects; `sweep_round` is how often maintenance sweeps (records are swept with
+    /// orphans, a few buckets per round).
     pub async fn connect(
         settings: &RedisSettings,
         state: &StateSettings,
+        sweep_round: Duration,
         schema: &Schema,
     ) -> Result<RedisStore, StateError> {
         let client = redis::Client::open(settings.url.as_str())?;
@@ -115,6 +119,7 @@ impl RedisStore {
                 claim: Script::new(include_str!("claim.lua")),
                 park: Script::new(include_str!("park.lua")),
                 expire: with_records(include_str!("expire.lua")),
+                forget: Script::new(include_str!("forget.lua")),
             }),
             schema: schema.clone(),
             prefix: settings.key_prefix.clone(),
@@ -122,7 +127,8 @@ impl RedisStore {
             records: Arc::new(Records::new(
                 &settings.key_prefix,
                 settings.record_buckets,
-                ms(state.remember_completed),
+                state.remember_completed,
+                sweep_round,
                 schema,
             )),
             late_updates: state.late_parts == LatePartsAction::Update,
@@ -236,11 +242,10 @@ impl RedisStore {
     fn merge_call(&self, pipe: &mut redis::Pipeline, id: &str, partial: &Partial, lease_until: u64) {
         let parts = self.schema.parts();
         let now = now_ms();
-        let RecordKeys { keys: [prev, current, next], expire_at } = self.records.keys(id, now);
-        let cmd = pipe.cmd("EVALSHA").arg(self.scripts.merge.get_hash()).arg(7);
+        let cmd = pipe.cmd("EVALSHA").arg(self.scripts.merge.get_hash()).arg(5);
         cmd.arg(self.item_key(id)).arg(self.outbox_key(id)).arg(self.outbox_index()).arg(self.partial_index());
-        cmd.arg(prev).arg(current).arg(next);
-        cmd.arg(id).arg(now).arg(self.backstop_ttl_ms).arg(expire_at).arg(lease_until);
+        cmd.arg(self.records.key(id));
+        cmd.arg(id).arg(now).arg(self.backstop_ttl_ms).arg(self.records.remember_ms()).arg(lease_until);
         cmd.arg(if self.late_updates { "1" } else { "0" }).arg(self.records.fingerprint());
         cmd.arg(parts.len());
         for part in parts {
@@ -266,12 +271,11 @@ impl RedisStore {
         for completion in done {
             let version = completion.stamps.iter().copied().max().unwrap_or(0);
             let now = now_ms();
-            let RecordKeys { keys: [prev, current, next], expire_at } = self.records.keys(&completion.id, now);
-            let cmd = pipe.cmd("EVALSHA").arg(self.scripts.remember.get_hash()).arg(7);
+            let cmd = pipe.cmd("EVALSHA").arg(self.scripts.remember.get_hash()).arg(5);
             cmd.arg(self.item_key(&completion.id)).arg(self.partial_index());
             cmd.arg(self.outbox_key(&completion.id)).arg(self.outbox_index());
-            cmd.arg(prev).arg(current).arg(next);
-            cmd.arg(&completion.id).arg(expire_at).arg(version);
+            cmd.arg(self.records.key(&completion.id));
+            cmd.arg(&completion.id).arg(self.records.remember_ms()).arg(version);
             cmd.arg(if self.late_updates { "1" } else { "0" }).arg(now).arg(self.records.fingerprint());
             for (part, stamp) in self.schema.parts().iter().zip(&completion.stamps) {
                 cmd.arg(&part.type_name).arg(stamp);
@@ -445,6 +449,7 @@ impl RedisStore {
         let index = self.partial_index();
         let now = now_ms();
         let deadline = now.saturating_sub(ms(older_than));
+        self.forget_records(now).await?;
         let ids = self.ids_up_to(&index, deadline, limit).await?;
         if ids.is_empty() {
             return Ok(Vec::new());
@@ -452,17 +457,27 @@ impl RedisStore {
         let lease = deliver_lease.map_or(String::new(), |l| (now + ms(l)).to_string());
         let mut pipe = redis::pipe();
         for id in &ids {
-            let [prev, current, next] = self.records.keys(id, now).keys;
-            let cmd = pipe.cmd("EVALSHA").arg(self.scripts.expire.get_hash()).arg(7);
+            let cmd = pipe.cmd("EVALSHA").arg(self.scripts.expire.get_hash()).arg(5);
             cmd.arg(self.item_key(id)).arg(&index).arg(self.outbox_key(id)).arg(self.outbox_index());
-            cmd.arg(prev).arg(current).arg(next);
+            cmd.arg(self.records.key(id));
             cmd.arg(id).arg(deadline).arg(self.records.fingerprint()).arg(&lease).arg(self.schema.len());
             for part in self.schema.parts() {
                 cmd.arg(&part.type_name);
             }
+            cmd.arg(now).arg(self.records.remember_ms());
         }
         let replies = self.query_scripts(&pipe, ids.len()).await?;
         Ok(ids.into_iter().zip(replies).filter_map(|(id, reply)| self.swept(id, reply)).collect())
+    }
+
+    /// Removes the records older than `remember_completed` from this round's buckets.
+    async fn forget_records(&self, now: u64) -> Result<(), StateError> {
+        let mut pipe = redis::pipe();
+        for key in self.records.next_round() {
+            pipe.cmd("EVALSHA").arg(self.scripts.forget.get_hash()).arg(1).arg(key);
+            pipe.arg(now).arg(self.records.remember_ms()).ignore();
+        }
+        self.run(&pipe).await
     }
 
     /// Splits a stored entry (flat field/value array) into per-slot parts; a field that
@@ -506,13 +521,10 @@ impl RedisStore {
         pipe.atomic();
         pipe.cmd("HKEYS").arg(self.item_key(id));
         pipe.cmd("HEXISTS").arg(self.outbox_key(id)).arg(VERSION_FIELD);
-        for key in self.records.keys(id, now_ms()).keys {
-            pipe.cmd("HGET").arg(key).arg(id);
-        }
+        pipe.cmd("HGET").arg(self.records.key(id)).arg(id);
         let mut conn = self.conn.clone();
-        type Reply = (Vec<String>, bool, Option<Vec<u8>>, Option<Vec<u8>>, Option<Vec<u8>>);
-        let (fields, in_outbox, a, b, c): Reply = pipe.query_async(&mut conn).await?;
-        let completed = [a, b, c].into_iter().flatten().find_map(|value| self.records.version(&value));
+        let (fields, in_outbox, record): (Vec<String>, bool, Option<Vec<u8>>) = pipe.query_async(&mut conn).await?;
+        let completed = record.and_then(|value| self.records.version(&value, now_ms()));
         let partial =
             fields.iter().filter_map(|field| self.schema.slot_of(field)).fold(0, |mask, slot| mask | (1 << slot));
         Ok(StoredItem { partial, in_outbox, completed })

@@ -8,21 +8,21 @@
 --
 -- KEYS[1]  the item's hash          KEYS[2]  the partial index
 -- KEYS[3]  the item's outbox hash   KEYS[4]  the outbox index
--- KEYS[5..7]  the record hashes of the item's bucket: previous, current, next generation
--- ARGV[1]  the item id              ARGV[2]  when the current record hash expires (unix ms)
+-- KEYS[5]  the record hash of the item's bucket
+-- ARGV[1]  the item id              ARGV[2]  how long a completed item is remembered, ms
 -- ARGV[3]  the completion's version ARGV[4]  '1' when later copies update the document
 -- ARGV[5]  now, ms                  ARGV[6]  the record fingerprint
 -- ARGV[7 ..] per part, in configured order: type, stamp
 local item, id, version = KEYS[1], ARGV[1], tonumber(ARGV[3])
-local records = {KEYS[5], KEYS[6], KEYS[7]}
+local records = KEYS[5]
 local first, n = 7, (#ARGV - 6) / 2
-local done, recorded, found_in = read_record(records, id, ARGV[6], n)
+local done, recorded = read_record(records, id, ARGV[6], n, ARGV[5], ARGV[2])
 local stamps = {}
 for j = 1, n do
   local s = tonumber(ARGV[first + 2 * j - 1])
   stamps[j] = math.max(s, recorded and recorded[j] or 0)
 end
-write_record(records, found_in, id, ARGV[6], ARGV[2], math.max(version, done or 0), stamps)
+write_record(records, id, ARGV[6], ARGV[5], math.max(version, done or 0), stamps)
 if redis.call('EXISTS', item) == 0 then
   return 1 -- nothing waits (the common case)
 end

@@ -434,6 +434,25 @@ async fn later_copies_of_a_completed_item_update_its_document(kind: StateBackend
     assert_eq!(due[0].vectors, vec![part_vector("y", TEXT, 3), vec![]]);
 }
 
+async fn a_completion_is_forgotten_after_remember_completed(kind: StateBackend) {
+    let mut backend = Backend::start(kind).await;
+    backend.settings.state.remember_completed = Duration::from_millis(300);
+    let store = backend.open().await;
+    let stale_stamp = stamp::next(); // before the completion
+    let stale = || one_at("x", TEXT, 9, stale_stamp, None);
+    let done = complete(&store, "x").await;
+    store.confirm(&[("x".into(), done.version())]).await.unwrap();
+    assert_eq!(store.inspect("x").await.unwrap().completed, Some(done.version()));
+    assert_persisted(merge_one(&store, stale()).await);
+    assert_eq!(store.inspect("x").await.unwrap().partial, 0, "remembered: the stale copy changes nothing");
+    // Forgotten once remember_completed has passed, at the latest by the next sweep.
+    tokio::time::sleep(Duration::from_millis(350)).await;
+    store.sweep_orphans(Duration::from_secs(3600), 10, None).await.unwrap();
+    assert_eq!(store.inspect("x").await.unwrap().completed, None, "forgotten");
+    assert_persisted(merge_one(&store, stale()).await);
+    assert_eq!(store.inspect("x").await.unwrap().partial, 0b01, "not remembered: a copy starts a new item");
+}
+
 async fn dead_letters_are_appended(kind: StateBackend) {
     let backend = Backend::start(kind).await;
     let store = backend.open().await;
@@ -489,6 +508,7 @@ for_each_backend!(
     the_orphan_sweep_takes_only_old_incomplete_items,
     swept_orphans_to_deliver_go_through_the_outbox,
     later_copies_of_a_completed_item_update_its_document,
+    a_completion_is_forgotten_after_remember_completed,
     dead_letters_are_appended,
 );
 
