@@ -122,6 +122,11 @@ pub struct BenchArgs {
     /// Print one JSON line instead of the table (and no progress bar).
     #[arg(long)]
     pub json: bool,
+    /// A re-embedding run: index every item first (not measured), then measure sending a
+    /// new copy of this part type (e.g. EMBEDDINGS_TEXT) for every item, each an update of
+    /// its document (state.late_parts = "update"). In-process only.
+    #[arg(long, value_name = "TYPE", conflicts_with_all = ["http", "rate", "sweep"])]
+    pub reembed: Option<String>,
     /// Run once per value and print one row each: key=v1,v2,... with key one of shards,
     /// flush_interval, bulk_max_docs, requests_in_flight, batch_size, concurrency, max_dirty.
     #[arg(long, value_name = "KEY=V1,V2,...", value_parser = Sweep::from_str)]
@@ -404,12 +409,14 @@ fn shape(mode: &'static str, settings: &Settings, args: &BenchArgs) -> RunShape 
 async fn in_process(settings: &Settings, args: &BenchArgs, label: Option<String>) -> anyhow::Result<Summary> {
     const ID_PREFIX: &str = "bench-";
     let spec = load_spec(settings, args, ID_PREFIX.into());
-    let batches = spec.part_batches();
-    let parts_sent: u64 = batches.iter().map(|b| b.len() as u64).sum();
-    let vector_bytes: u64 = batches.iter().flatten().map(|p| p.vector.len() as u64 * 4).sum();
-    let load_bytes: u64 =
-        batches.iter().flatten().map(|p| (p.vector.capacity() * 4 + p.id.capacity() + size_of_val(p)) as u64).sum();
-    reset_peak_rss();
+    let reembed = match &args.reembed {
+        Some(name) => Some(
+            (settings.parts.iter().position(|p| &p.type_name == name))
+                .with_context(|| format!("--reembed {name}: not a configured part type"))?,
+        ),
+        None => None,
+    };
+    let mut batches = spec.part_batches();
     // Paced with the null sink: the bench sees what the sink acknowledges, and when.
     let index_log = (args.rate.is_some() && settings.sink.backend == SinkBackend::Null)
         .then(|| pace::IndexLog::new(ID_PREFIX, args.entities as usize));
@@ -417,8 +424,21 @@ async fn in_process(settings: &Settings, args: &BenchArgs, label: Option<String>
         Some(log) => Pipeline::start_with_sink(settings, SinkClient::Observed(log.observer())).await?,
         None => Pipeline::start(settings).await?,
     };
-    let (cpu_before, redis_before) = (cpu::process_seconds(), cpu::redis_reading(settings).await);
     let metrics = pipeline.metrics.clone();
+    // Redis's memory before any record: a re-embedding run's records are made in its set-up.
+    let memory_before = cpu::redis_reading(settings).await;
+    if let Some(slot) = reembed {
+        // Every item indexed first; then the measured run: new copies of one part type.
+        index_all(&pipeline, batches, args.concurrency, args.entities as u64).await?;
+        batches = reembedding_batches(&spec, slot);
+    }
+    let parts_sent: u64 = batches.iter().map(|b| b.len() as u64).sum();
+    let vector_bytes: u64 = batches.iter().flatten().map(|p| p.vector.len() as u64 * 4).sum();
+    let load_bytes: u64 =
+        batches.iter().flatten().map(|p| (p.vector.capacity() * 4 + p.id.capacity() + size_of_val(p)) as u64).sum();
+    reset_peak_rss();
+    let updated_before = updated(&metrics);
+    let (cpu_before, redis_before) = (cpu::process_seconds(), cpu::redis_reading(settings).await);
     let progress = Progress::new(args, parts_sent, label);
     let watcher = {
         let (metrics, progress) = (metrics.clone(), progress.clone());
@@ -515,8 +535,13 @@ async fn in_process(settings: &Settings, args: &BenchArgs, label: Option<String>
         peak_rss(),
         Some(load_bytes),
     );
+    if reembed.is_some() {
+        let n = updated(&metrics) - updated_before;
+        summary.updated = Some(n);
+        summary.updated_per_s = Some(n as f64 / wall.as_secs_f64().max(1e-9));
+    }
     let cost = CpuCost::between(Some((cpu_before, cpu_after)), (redis_before, redis_after), embeddings);
-    summary.cpu = Some(cost.with_records(records, (redis_before, redis_after)));
+    summary.cpu = Some(cost.with_records(records, (memory_before, redis_after)));
     summary.paced = args.rate.map(|rate| {
         let (each_part, not_indexed) = match &index_log {
             Some(log) => {
@@ -528,6 +553,50 @@ async fn in_process(settings: &Settings, args: &BenchArgs, label: Option<String>
         paced(rate, before_last, sending, behind, each_part, not_indexed)
     });
     Ok(summary)
+}
+
+/// Documents updated so far (`documents_ended{end="updated"}`).
+fn updated(metrics: &crate::metrics::Metrics) -> u64 {
+    metrics.documents_ended.get_or_create(&crate::metrics::EndLabels { end: "updated" }).get()
+}
+
+/// Sends every batch and waits until every item is indexed and its completion recorded:
+/// the set-up of a re-embedding run, not measured.
+async fn index_all(
+    pipeline: &Pipeline,
+    batches: Vec<Vec<crate::model::Part>>,
+    concurrency: u32,
+    items: u64,
+) -> anyhow::Result<()> {
+    let queue = Arc::new(Mutex::new(batches.into_iter()));
+    let mut senders = JoinSet::new();
+    for _ in 0..concurrency {
+        let (queue, router) = (queue.clone(), pipeline.router.clone());
+        senders.spawn(async move {
+            loop {
+                let next = queue.lock().unwrap_or_else(|e| e.into_inner()).next();
+                let Some(batch) = next else { return Ok::<_, anyhow::Error>(()) };
+                router.submit(batch).await?;
+            }
+        });
+    }
+    while let Some(done) = senders.join_next().await {
+        done.context("a sender task failed")??;
+    }
+    let metrics = &pipeline.metrics;
+    let deadline = Instant::now() + Duration::from_secs(3600);
+    while metrics.documents_indexed.get() + metrics.dead_letters.get() < items {
+        anyhow::ensure!(Instant::now() < deadline, "the items were not all indexed within an hour");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    pipeline.router.flush().await?; // the completions in memory are recorded by then
+    Ok(())
+}
+
+/// New copies of one part type for every item, in batches, stamped now.
+fn reembedding_batches(spec: &LoadSpec, slot: usize) -> Vec<Vec<crate::model::Part>> {
+    let parts: Vec<crate::model::Part> = spec.part_batches().into_iter().flatten().filter(|p| p.slot == slot).collect();
+    parts.chunks(spec.batch_size).map(<[_]>::to_vec).collect()
 }
 
 /// The figures of a paced run; `parts` were sent before the last batch left, `sending`

@@ -126,6 +126,9 @@ pub struct Summary {
     pub cpu: Option<super::cpu::CpuCost>,
     /// The offered load and the latency of each part, with `--rate`.
     pub paced: Option<Paced>,
+    /// With `--reembed`: documents updated by the measured run, and per second.
+    pub updated: Option<u64>,
+    pub updated_per_s: Option<f64>,
 }
 
 /// What a paced run (`--rate`) offered, and how each part fared.
@@ -220,6 +223,8 @@ impl Summary {
             load_bytes,
             cpu: None,
             paced: None,
+            updated: None,
+            updated_per_s: None,
         }
     }
 
@@ -279,6 +284,12 @@ impl Summary {
                 self.documents_indexed, self.dead_letters, self.completed_in_memory, self.completed_in_store
             ),
         );
+        if let (Some(updated), Some(rate)) = (self.updated, self.updated_per_s) {
+            row(
+                "updated",
+                format!("{updated} documents, {} per second (a re-embedding run: one part type again)", grouped(rate)),
+            );
+        }
         row(
             "Redis merges/doc",
             format!(
