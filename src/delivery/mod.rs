@@ -40,6 +40,9 @@ pub enum End {
     Indexed,
     /// Newer copies of some parts were written into the indexed document.
     Updated,
+    /// An update found no document (deleted from the index): its parts wait in the store
+    /// for the others as a new item.
+    Reopened,
     Superseded,
     DeadLettered,
     Parked,
@@ -51,6 +54,7 @@ impl End {
         match self {
             End::Indexed => "indexed",
             End::Updated => "updated",
+            End::Reopened => "reopened",
             End::Superseded => "superseded",
             End::DeadLettered => "dead_lettered",
             End::Parked => "parked",

@@ -96,6 +96,8 @@ pub struct Encoded {
     pub action: Action,
     /// It updates some parts of an indexed document ([`Document::update`]).
     pub update: bool,
+    /// It has every part (an update of every part can create its document).
+    pub complete: bool,
     /// Action line and source line, each ending in `\n`.
     pub op: Bytes,
     /// The source line inside `op`.
@@ -262,19 +264,17 @@ fn sort_items(ctx: &Context, docs: Vec<Encoded>, statuses: Vec<crate::sink::Item
                 doc.rewrite(&ctx.schema, Action::Merge);
                 again.push(doc);
             }
-            Verdict::Missing if !doc.update => {
+            Verdict::Missing if doc.complete => {
                 doc.rewrite(&ctx.schema, Action::Create);
                 again.push(doc);
             }
             // Its document may still be on its way (a completion in another request).
             Verdict::Missing if started.elapsed() < ctx.missing_grace => again.push(doc),
+            // Gone (deleted): its parts start the item again, as any part of an item
+            // not remembered would.
             Verdict::Missing => {
-                let reason = format!(
-                    "no document {} in the index to update (deleted, or never indexed) after {:?}",
-                    doc.id, ctx.missing_grace
-                );
-                let letter = letter(&doc, Some(item.status), error_type, reason, 1);
-                letters.push((doc, letter));
+                tracing::info!(id = %doc.id, "The document to update is not in the index; its parts wait for the others as a new item.");
+                ended.push((doc, End::Reopened));
             }
             Verdict::Retry => {
                 busy = Some(format!("{} {error_type}: {reason}", item.status));
@@ -378,6 +378,7 @@ pub(super) fn encode(ctx: &Context, docs: Vec<Document>) -> (Bytes, Vec<Encoded>
                 version,
                 action: ctx.writes.action(&doc),
                 update: doc.update,
+                complete: !doc.is_incomplete(),
                 op: body.slice(op),
                 source,
                 received_at: doc.received_at,

@@ -23,6 +23,7 @@ pub async fn end(ctx: &Context, ended: Vec<Ended>) {
         return;
     }
     let mut confirms = Vec::new();
+    let mut reopens = Vec::new();
     let mut indexed = Vec::new();
     for (doc, end) in ended {
         ctx.metrics.documents_ended.get_or_create(&EndLabels { end: end.label() }).inc();
@@ -31,9 +32,16 @@ pub async fn end(ctx: &Context, ended: Vec<Ended>) {
         }
         if doc.origin == Origin::Outbox {
             ctx.outbox.end(&doc.id, doc.version);
-            confirms.push((doc.id, doc.version));
+            match end {
+                End::Reopened => reopens.push((doc.id, doc.version)),
+                _ => confirms.push((doc.id, doc.version)),
+            }
         }
         ack_all(doc.acks);
+    }
+    if let Err(e) = ctx.store.reopen(&reopens).await {
+        // The entries stay in the outbox: resent once their leases lapse, and reopened then.
+        tracing::warn!(documents = reopens.len(), error = %e, "Cannot put the parts of updates whose document is gone back in the store; they will be sent again.");
     }
     ctx.metrics.observe_indexed(indexed.into_iter());
     ctx.metrics.store_confirms.inc_by(confirms.len() as u64);

@@ -142,6 +142,12 @@ impl EmbeddedStore {
         blocking(move || inner.write(|tx| Inner::confirm(tx, &done))).await
     }
 
+    /// Puts the parts of updates whose document is gone back as waiting copies.
+    pub async fn reopen(&self, done: &[(String, u64)]) -> Result<(), StateError> {
+        let (inner, done) = (self.inner.clone(), done.to_vec());
+        blocking(move || inner.write(|tx| inner.reopen(tx, &done))).await
+    }
+
     /// Outbox entries whose lease lapsed, leased to the caller.
     pub async fn claim_outbox(&self, lease: Duration, limit: usize) -> Result<Vec<Swept>, StateError> {
         let inner = self.inner.clone();
@@ -457,6 +463,29 @@ impl Inner {
                 record.updated = now;
             }
             items.put(&completion.id, &before, &record)?;
+        }
+        Ok(())
+    }
+
+    fn reopen(&self, tx: &WriteTransaction, done: &[(String, u64)]) -> Result<(), StateError> {
+        let mut items = Items::open(tx, self.remember_ms)?;
+        let (mut outbox, mut outbox_index) = (tx.open_table(OUTBOX)?, tx.open_table(OUTBOX_INDEX)?);
+        let now = now_ms();
+        for (id, version) in done {
+            let Some(lease) = lease_of(&outbox, id)? else { continue };
+            let entry = match outbox.get(id.as_str())? {
+                Some(bytes) => Record::decode(bytes.value())?,
+                None => continue,
+            };
+            if entry.version > *version {
+                continue; // a newer entry is delivered on its own
+            }
+            outbox.remove(id.as_str())?;
+            outbox_index.remove((lease, id.as_str()))?;
+            let before = items.get(id)?.unwrap_or_default();
+            // Not remembered any more: only the waiting copies are known.
+            let waiting = Record { updated: now, version: 0, orphan: None, update: false, parts: entry.parts };
+            items.put(id, &before, &waiting)?;
         }
         Ok(())
     }

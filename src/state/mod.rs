@@ -332,6 +332,16 @@ impl StateStore {
         each!(self.confirm(done))
     }
 
+    /// Updates whose document is gone from the index: `(id, version)` pairs. The parts of
+    /// each outbox entry of at most that version go back into the item as waiting copies,
+    /// and the item is no longer remembered as completed: it joins again as a new item.
+    pub async fn reopen(&self, done: &[(String, u64)]) -> Result<(), StateError> {
+        if done.is_empty() {
+            return Ok(());
+        }
+        each!(self.reopen(done))
+    }
+
     /// Outbox entries whose lease lapsed, leased to the caller for `lease`.
     pub async fn claim_outbox(&self, lease: Duration, limit: usize) -> Result<Vec<Swept>, StateError> {
         each!(self.claim_outbox(lease, limit))

@@ -56,11 +56,12 @@ struct Scripts {
     park: Script,
     expire: Script,
     forget: Script,
+    reopen: Script,
 }
 
 impl Scripts {
-    fn all(&self) -> [&Script; 7] {
-        [&self.merge, &self.remember, &self.confirm, &self.claim, &self.park, &self.expire, &self.forget]
+    fn all(&self) -> [&Script; 8] {
+        [&self.merge, &self.remember, &self.confirm, &self.claim, &self.park, &self.expire, &self.forget, &self.reopen]
     }
 }
 
@@ -120,6 +121,7 @@ impl RedisStore {
                 park: Script::new(include_str!("park.lua")),
                 expire: with_records(include_str!("expire.lua")),
                 forget: Script::new(include_str!("forget.lua")),
+                reopen: Script::new(include_str!("reopen.lua")),
             }),
             schema: schema.clone(),
             prefix: settings.key_prefix.clone(),
@@ -325,6 +327,19 @@ impl RedisStore {
                 cmd.arg(id).arg(version);
             }
             cmd.ignore();
+        }
+        self.run(&pipe).await
+    }
+
+    /// Puts the parts of updates whose document is gone back as waiting copies.
+    pub async fn reopen(&self, done: &[(String, u64)]) -> Result<(), StateError> {
+        let now = now_ms();
+        let mut pipe = redis::pipe();
+        for (id, version) in done {
+            let cmd = pipe.cmd("EVALSHA").arg(self.scripts.reopen.get_hash()).arg(5);
+            cmd.arg(self.item_key(id)).arg(self.outbox_key(id)).arg(self.outbox_index()).arg(self.partial_index());
+            cmd.arg(self.records.key(id));
+            cmd.arg(id).arg(version).arg(now).arg(self.backstop_ttl_ms).ignore();
         }
         self.run(&pipe).await
     }

@@ -188,7 +188,7 @@ async fn an_id_no_longer_remembered_starts_a_new_item() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_update_of_a_deleted_document_is_dead_lettered_never_indexed_alone() {
+async fn an_update_of_a_deleted_document_starts_a_new_item_never_indexed_alone() {
     let (redis, es) = (RedisServer::start().await, EsTarget::start().await);
     if es.skip_without_painless("an update of a deleted document") {
         return;
@@ -205,11 +205,21 @@ async fn an_update_of_a_deleted_document_is_dead_lettered_never_indexed_alone() 
     let url = format!("{}/{}/_doc/gone?refresh=true", es.url, es.index);
     assert!(reqwest::Client::new().delete(url).send().await.unwrap().status().is_success());
     app.post_json(&json!({"embeddings": [copy("gone", TEXT, 384, 1)]})).await;
-    let letters = redis.wait_for_dead_letters().await;
-    assert_eq!(letters.len(), 1, "{letters:?}");
-    assert_eq!(letters[0]["error_type"], "document_missing_exception", "{}", letters[0]);
-    assert_eq!(letters[0]["status"], 404);
+    // The update finds no document: its TEXT waits for an IMAGE, as a new item's would.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while metric(&app, "embedjoin_documents_ended_total{end=\"reopened\"}").await < 1.0 {
+        assert!(Instant::now() < deadline, "the update was never reopened");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let status: Value =
+        app.http.get(format!("{}/documents/gone", app.address)).send().await.unwrap().json().await.unwrap();
+    assert_eq!(status["parts"], json!({TEXT: "store"}), "{status}");
+    assert_eq!(status["completed_version"], Value::Null, "no longer remembered as indexed: {status}");
     assert!(es.doc("gone").await.is_none(), "an update never indexes its parts alone");
+    // The IMAGE completes it: indexed again, with both new copies.
+    app.post_json(&json!({"embeddings": [copy("gone", IMAGE, 512, 1)]})).await;
+    wait_for_all(&es, &ids, |id, d| has(d, id, TEXT, 1) && has(d, id, IMAGE, 1), "indexed again").await;
+    assert!(redis.dead_letters().await.is_empty());
     app.stop().await.unwrap();
-    assert_eq!(redis_keys(&redis).await, vec!["embedjoin:deadletter".to_owned()], "no outbox entry stays");
+    assert_eq!(redis_keys(&redis).await, Vec::<String>::new());
 }

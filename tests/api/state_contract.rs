@@ -422,6 +422,20 @@ async fn later_copies_of_a_completed_item_update_its_document(kind: StateBackend
     let stored = a.inspect("x").await.unwrap();
     assert_eq!((stored.partial, stored.in_outbox, stored.completed), (0, false, Some(done.version())));
 
+    // The document of an update is gone from the index: reopened, its parts wait as a new
+    // item's, which completes again with a partner.
+    let z = complete(&a, "z").await;
+    a.confirm(&[("z".into(), z.version())]).await.unwrap();
+    let lonely = completed(merge_one(&a, one("z", TEXT, 5, None)).await);
+    b.reopen(&[("z".into(), lonely.version() - 1)]).await.unwrap();
+    assert!(a.inspect("z").await.unwrap().in_outbox, "an older version reopens nothing");
+    b.reopen(&[("z".into(), lonely.version())]).await.unwrap();
+    let stored = a.inspect("z").await.unwrap();
+    assert_eq!((stored.partial, stored.in_outbox, stored.completed), (0b01, false, None));
+    let again = completed(merge_one(&a, one("z", IMAGE, 6, None)).await);
+    assert!(!again.update);
+    assert_eq!(again.vectors, vec![part_vector("z", TEXT, 5), part_vector("z", IMAGE, 6)]);
+
     // A copy stored before a completion in memory was recorded, and newer than it: it
     // updates that completion's document, due at once.
     assert_persisted(merge_one(&a, one("y", TEXT, 3, None)).await);
