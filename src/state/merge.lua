@@ -22,12 +22,35 @@
 -- A copy no newer than the one known (waiting here, or in the record) is skipped:
 -- re-applying a merge whose reply was lost changes nothing, and an old copy never replaces
 -- a newer one or revives a completed one. Returns 0 when nothing became complete, else the
--- completed item (flat field/value array, with `_v` its version) after moving it to the
--- outbox. With updates on, newer copies for a remembered item go to its outbox entry
+-- completed item (flat field/value array, with `_v` its version, but for the vectors and
+-- metadata this call wrote: their stamps say which) after moving it to the outbox. With updates on, newer copies for a remembered item go to its outbox entry
 -- instead (made with `_update` = 1 if there is none; a completion waiting there takes them
 -- in), leased to the caller, and the entry is returned as for a completion.
 local item, outbox = KEYS[1], KEYS[2]
 local records = KEYS[5]
+local wrote = {}
+-- The outbox entry as the reply: every field but the vectors and metadata this call wrote
+-- (the caller has them): their stamps say which they are.
+local function entry_reply()
+  local fields = {'_v', '_update', '_orphan'}
+  for i = 9, 8 + tonumber(ARGV[8]) do
+    local t = ARGV[i]
+    fields[#fields + 1] = 's:' .. t
+    if not wrote[t] then
+      fields[#fields + 1] = t
+      fields[#fields + 1] = 'm:' .. t
+    end
+  end
+  local values = redis.call('HMGET', outbox, unpack(fields))
+  local reply = {}
+  for i = 1, #fields do
+    if values[i] then
+      reply[#reply + 1] = fields[i]
+      reply[#reply + 1] = values[i]
+    end
+  end
+  return reply
+end
 local id, now, ttl, remember, lease = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
 local update, fingerprint, n = ARGV[6] == '1', ARGV[7], tonumber(ARGV[8])
 local first = 9 + n
@@ -47,7 +70,7 @@ for j = 1, n do
   end
   known[j] = w
 end
-local set, del, wrote = {}, {}, {}
+local set, del = {}, {}
 for i = first, #ARGV, 4 do
   local t, stamp = ARGV[i], tonumber(ARGV[i + 1])
   local j = slot[t]
@@ -84,7 +107,7 @@ if update and done then
   end
   write_record(records, id, fingerprint, now, done, known)
   redis.call('ZADD', KEYS[3], lease, id)
-  return redis.call('HGETALL', outbox)
+  return entry_reply()
 end
 redis.call('HSET', item, unpack(set))
 if #del > 0 then
@@ -116,4 +139,4 @@ redis.call('RENAME', item, outbox) -- replaces an older completion waiting there
 redis.call('PERSIST', outbox)
 redis.call('ZADD', KEYS[3], lease, id)
 write_record(records, id, fingerprint, now, version, known)
-return redis.call('HGETALL', outbox)
+return entry_reply()

@@ -129,6 +129,19 @@ impl StoredEntry {
             Some(bytes.chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().expect("4 bytes"))).collect());
     }
 
+    /// Fills in the parts the caller sent and the store wrote, which a Redis merge does not
+    /// send back: a slot with the caller's stamp and no vector.
+    pub fn with_own(mut self, partial: &Partial) -> StoredEntry {
+        for slot in 0..self.vectors.len() {
+            let own = partial.vectors[slot].is_some() && partial.stamps[slot] == self.stamps[slot];
+            if self.vectors[slot].is_none() && own {
+                self.vectors[slot] = partial.vectors[slot].clone();
+                self.metadata[slot] = partial.metadata[slot].clone();
+            }
+        }
+        self
+    }
+
     /// The outbox document of this entry: a completed item needs every part; an orphan
     /// keeps the parts it has. Metadata merges in slot order.
     pub fn into_document(self, schema: &Schema, id: &str) -> Result<Document, StateError> {

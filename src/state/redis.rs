@@ -229,12 +229,14 @@ impl RedisStore {
         Ok(batch
             .iter()
             .zip(replies)
-            .map(|((id, _), reply)| match reply {
+            .map(|((id, partial), reply)| match reply {
                 Value::Int(_) => MergeOutcome::Persisted,
-                Value::Array(fields) => match self.entry(id, fields).into_document(&self.schema, id) {
-                    Ok(doc) => MergeOutcome::Completed(doc),
-                    Err(e) => MergeOutcome::Failed(e),
-                },
+                Value::Array(fields) => {
+                    match self.entry(id, fields).with_own(partial).into_document(&self.schema, id) {
+                        Ok(doc) => MergeOutcome::Completed(doc),
+                        Err(e) => MergeOutcome::Failed(e),
+                    }
+                }
                 Value::ServerError(e) => MergeOutcome::Failed(StateError::Redis(e.into())),
                 other => MergeOutcome::Failed(StateError::Protocol(format!("merge of {id} returned {other:?}"))),
             })
