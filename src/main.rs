@@ -22,7 +22,7 @@ enum Command {
     Serve,
     /// Measure the whole pipeline in this process with generated load (or a running
     /// server with --http), and print a summary.
-    Bench(embedjoin::bench::BenchArgs),
+    Bench(Box<embedjoin::bench::BenchArgs>),
     /// Validate the settings, reach each backend, and print the effective settings
     /// (secrets shown as ***); exits non-zero, saying what to fix, when something is wrong.
     Check(embedjoin::check::CheckArgs),
@@ -51,7 +51,7 @@ fn main() -> ExitCode {
     let result = runtime.block_on(async {
         match cli.command.unwrap_or(Command::Serve) {
             Command::Serve => serve(settings).await,
-            Command::Bench(args) => embedjoin::bench::run(settings, args).await,
+            Command::Bench(args) => embedjoin::bench::run(settings, *args).await,
             Command::Check(_) | Command::DeadLetters(_) => unreachable!("handled above"),
         }
     });

@@ -34,6 +34,29 @@ pub struct HttpRun {
     pub paced: Option<(u64, Duration, Duration)>,
 }
 
+/// Where a run learns what the server indexed: its `/metrics`, or, for a server without
+/// them (the Python service embedjoin replaces), the search engine's `_count` of an index
+/// (`{URL}/{INDEX}`): indexed documents only, no latency or bulk figures.
+#[derive(Debug, Clone)]
+pub enum Indexed {
+    Metrics,
+    Count(String),
+}
+
+async fn read(client: &reqwest::Client, base: &str, indexed: &Indexed) -> anyhow::Result<Scrape> {
+    match indexed {
+        Indexed::Metrics => scrape(client, base).await,
+        Indexed::Count(index) => {
+            let refresh = format!("{index}/_refresh");
+            client.post(&refresh).send().await.with_context(|| format!("cannot refresh {index}"))?;
+            let url = format!("{index}/_count");
+            let answer: serde_json::Value = client.get(&url).send().await?.json().await?;
+            let count = answer["count"].as_f64().with_context(|| format!("{url} answered {answer}"))?;
+            Ok(Scrape { documents_indexed: count, ..Scrape::default() })
+        }
+    }
+}
+
 async fn scrape(client: &reqwest::Client, base: &str) -> anyhow::Result<Scrape> {
     let url = format!("{base}/metrics");
     let response = client.get(&url).send().await.with_context(|| format!("cannot read {url}"))?;
@@ -44,19 +67,19 @@ async fn scrape(client: &reqwest::Client, base: &str) -> anyhow::Result<Scrape> 
 }
 
 /// Posts every batch, `concurrency` at a time (or each when it is due, at `rate` parts per
-/// second), then waits for the server to index them.
+/// second), then waits for the server to index `expected_documents`, as `indexed` says.
 pub async fn run(
     base: &str,
     batches: Vec<(Bytes, usize)>,
     content_type: &'static str,
     concurrency: usize,
     rate: Option<u32>,
-    expected_documents: usize,
+    (expected_documents, indexed): (usize, &Indexed),
     progress: &Progress,
 ) -> anyhow::Result<HttpRun> {
     let base = base.trim_end_matches('/').to_owned();
     let client = reqwest::Client::builder().pool_max_idle_per_host(concurrency).build()?;
-    let before = scrape(&client, &base).await?;
+    let before = read(&client, &base, indexed).await?;
     let json_bytes: u64 = batches.iter().map(|(b, _)| b.len() as u64).sum();
     let parts_sent: u64 = batches.iter().map(|(_, n)| *n as u64).sum();
     let accepted = Arc::new(std::sync::atomic::AtomicU64::new(0));
@@ -66,7 +89,7 @@ pub async fn run(
         move |body: Bytes, count: usize| {
             let (client, url, accepted, progress) = (client.clone(), url.clone(), accepted.clone(), progress.clone());
             async move {
-                let taken = post(&client, &url, content_type, body).await?;
+                let taken = post(&client, &url, content_type, body, count).await?;
                 accepted.fetch_add(taken, std::sync::atomic::Ordering::Relaxed);
                 progress.sent(count as u64);
                 Ok::<_, anyhow::Error>(())
@@ -113,7 +136,7 @@ pub async fn run(
     }
     let submitted = started.elapsed();
     // Wait for the server to index what it took; the clock stops at the last progress.
-    let mut last = scrape(&client, &base).await?;
+    let mut last = read(&client, &base, indexed).await?;
     let mut last_change = Instant::now();
     let target = before.done() + expected_documents as f64;
     loop {
@@ -122,7 +145,7 @@ pub async fn run(
             break;
         }
         tokio::time::sleep(POLL).await;
-        let now = scrape(&client, &base).await?;
+        let now = read(&client, &base, indexed).await?;
         if now.done() != last.done() {
             last_change = Instant::now();
         }
@@ -137,8 +160,15 @@ pub async fn run(
 
 /// Posts one body until the server takes it; returns the items it accepted. A 503
 /// (saturated or shutting down) is retried after its Retry-After; anything else but 202
-/// stops the run, since the figures would not mean what they say.
-async fn post(client: &reqwest::Client, url: &str, content_type: &str, body: Bytes) -> anyhow::Result<u64> {
+/// (or the Python service's 200, which takes the whole batch) stops the run, since the
+/// figures would not mean what they say.
+async fn post(
+    client: &reqwest::Client,
+    url: &str,
+    content_type: &str,
+    body: Bytes,
+    count: usize,
+) -> anyhow::Result<u64> {
     for _ in 0..600 {
         let response = client
             .post(url)
@@ -159,6 +189,9 @@ async fn post(client: &reqwest::Client, url: &str, content_type: &str, body: Byt
             continue;
         }
         let text = response.text().await.unwrap_or_default();
+        if status == 200 {
+            return Ok(count as u64);
+        }
         if status != 202 {
             bail!("{url} answered {status}: {}", text.chars().take(300).collect::<String>());
         }

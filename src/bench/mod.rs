@@ -116,6 +116,11 @@ pub struct BenchArgs {
     /// (/proc/PID/stat) before and after, for CPU per embedding.
     #[arg(long, value_name = "PID", requires = "http")]
     pub pid: Option<u32>,
+    /// With --http: count what the server indexed in this index (`{URL}/{INDEX}`, e.g.
+    /// http://127.0.0.1:9201/embeddings, `_count` after `_refresh`) instead of reading its
+    /// `/metrics`: for a server that has none, such as the Python service it replaces.
+    #[arg(long, value_name = "URL/INDEX", requires = "http")]
+    pub indexed: Option<String>,
     /// With --http: the request body format, json or msgpack (vectors as little-endian bytes).
     #[arg(long, value_enum, default_value_t = BodyFormat::Json)]
     pub format: BodyFormat,
@@ -638,13 +643,17 @@ async fn over_http(url: &str, settings: &Settings, args: &BenchArgs, label: Opti
     };
     let server = |pid: Option<u32>| pid.and_then(cpu::pid_seconds);
     let (server_before, redis_before) = (server(args.pid), read_redis().await);
+    let indexed = match &args.indexed {
+        Some(index) => http::Indexed::Count(index.trim_end_matches('/').to_owned()),
+        None => http::Indexed::Metrics,
+    };
     let outcome = http::run(
         url,
         batches,
         args.format.content_type(),
         args.concurrency as usize,
         args.rate,
-        args.entities as usize,
+        (args.entities as usize, &indexed),
         &progress,
     )
     .await;
