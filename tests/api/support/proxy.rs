@@ -72,26 +72,41 @@ async fn pipe(client: TcpStream, server: TcpStream, shared: Arc<Shared>) {
     let (mut client_rd, mut client_wr) = client.into_split();
     let (mut server_rd, mut server_wr) = server.into_split();
     let cut = Arc::new(AtomicBool::new(false));
-    let (up_shared, up_cut) = (shared.clone(), cut.clone());
+    // Set once the matching request is written to the server.
+    let forwarded = Arc::new(AtomicBool::new(false));
+    let (up_shared, up_cut, up_forwarded) = (shared.clone(), cut.clone(), forwarded.clone());
     let up = tokio::spawn(async move {
         let mut buf = vec![0u8; 64 * 1024];
+        // The end of the previous read: a pattern may straddle two reads.
+        let mut seen: Vec<u8> = Vec::new();
         loop {
             let n = match client_rd.read(&mut buf).await {
                 Ok(0) | Err(_) => break,
                 Ok(n) => n,
             };
+            seen.extend_from_slice(&buf[..n]);
             // Decided before the request is forwarded, so that its reply cannot slip through.
-            {
+            let matched = {
                 let mut armed = up_shared.armed.lock().unwrap();
-                if armed.as_ref().is_some_and(|p| buf[..n].windows(p.len()).any(|w| w == p.as_slice())) {
+                let matched = armed.as_ref().is_some_and(|p| seen.windows(p.len()).any(|w| w == p.as_slice()));
+                let keep = armed.as_ref().map_or(0, |p| p.len().saturating_sub(1)).min(seen.len());
+                seen.drain(..seen.len() - keep);
+                if matched {
                     *armed = None;
                     up_cut.store(true, Ordering::SeqCst);
                 }
-            }
+                matched
+            };
             if server_wr.write_all(&buf[..n]).await.is_err() {
                 break;
             }
+            if matched {
+                // The client's later bytes are not forwarded: its connection is cut.
+                up_forwarded.store(true, Ordering::SeqCst);
+                break;
+            }
         }
+        server_wr
     });
     let mut buf = vec![0u8; 64 * 1024];
     loop {
@@ -107,5 +122,23 @@ async fn pipe(client: TcpStream, server: TcpStream, shared: Arc<Shared>) {
             break;
         }
     }
-    up.abort();
+    if !cut.load(Ordering::SeqCst) {
+        up.abort();
+        return;
+    }
+    // The client's connection is cut now. The dropped reply may be an earlier request's:
+    // the server must still read and apply the matching one, so the server connection is
+    // drained (its replies dropped) until that request was written and the server answered
+    // after it; closing with unread data would reset the connection and could discard it.
+    drop(client_wr);
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(2);
+    let mut answered_after = false;
+    while !answered_after {
+        let was_forwarded = forwarded.load(Ordering::SeqCst);
+        match tokio::time::timeout_at(deadline, server_rd.read(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => answered_after = was_forwarded,
+            _ => break,
+        }
+    }
+    let _ = up.await;
 }
