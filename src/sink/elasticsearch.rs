@@ -158,6 +158,19 @@ pub fn mapping_problems(
     ))
 }
 
+/// A strict mapping (`"dynamic": "strict"`) without `_parts` would refuse every document,
+/// which carries its parts' stamps there.
+pub fn parts_field_problem(mappings: &serde_json::Value) -> Result<(), String> {
+    let strict = mappings["dynamic"] == "strict";
+    if strict && mappings["properties"]["_parts"].is_null() {
+        return Err("its mapping is \"dynamic\": \"strict\" and has no `_parts` field, which every document \
+            carries (each part's stamp): add it with PUT <index>/_mapping \
+            {\"properties\": {\"_parts\": {\"type\": \"object\", \"enabled\": false}}}"
+            .into());
+    }
+    Ok(())
+}
+
 /// OpenSearch's name for an Elasticsearch similarity. `dot_product` (unit vectors) and
 /// `max_inner_product` both score by inner product there.
 fn opensearch_space(similarity: Similarity) -> &'static str {
@@ -277,8 +290,10 @@ impl EsSink {
         let value: serde_json::Value = serde_json::from_slice(&body)
             .map_err(|e| SinkError::Protocol(format!("unreadable mapping of {}: {e}", self.index)))?;
         // The answer is keyed by the concrete index (an alias resolves to it).
-        let properties = value.as_object().and_then(|m| m.values().next()).map(|ix| &ix["mappings"]["properties"]);
-        mapping_problems(kind, schema, similarity, properties.unwrap_or(&serde_json::Value::Null))
+        let mappings = value.as_object().and_then(|m| m.values().next()).map(|ix| &ix["mappings"]);
+        let mappings = mappings.unwrap_or(&serde_json::Value::Null);
+        mapping_problems(kind, schema, similarity, &mappings["properties"])
+            .and_then(|()| parts_field_problem(mappings))
             .map_err(|problem| SinkError::Config(format!("index {}: {problem}", self.index)))
     }
 
@@ -420,6 +435,23 @@ fn request_error(status: StatusCode, body: &[u8]) -> SinkError {
 mod tests {
     use super::*;
     use crate::config::Settings;
+
+    #[test]
+    fn a_strict_mapping_must_have_the_parts_field() {
+        let strict = serde_json::json!({"dynamic": "strict", "properties": {"id": {"type": "keyword"}}});
+        assert!(parts_field_problem(&strict).unwrap_err().contains("_parts"));
+        let with =
+            serde_json::json!({"dynamic": "strict", "properties": {"_parts": {"type": "object", "enabled": false}}});
+        assert_eq!(parts_field_problem(&with), Ok(()));
+        assert_eq!(parts_field_problem(&serde_json::json!({"properties": {}})), Ok(()), "dynamic: maps it itself");
+        let ours = index_body(
+            EngineKind::Elasticsearch,
+            &Schema::new(&crate::config::Settings::defaults().parts),
+            Similarity::Cosine,
+            false,
+        );
+        assert_eq!(ours["mappings"]["properties"]["_parts"]["enabled"], false, "stored, not indexed");
+    }
 
     #[test]
     fn an_existing_mapping_that_disagrees_is_named_field_by_field() {
