@@ -80,19 +80,29 @@ impl EsTarget {
     }
 
     pub async fn refresh(&self) {
-        let r = self.http.post(format!("{}/{}/_refresh", self.url, self.index)).send().await.unwrap();
-        assert!(r.status().is_success() || r.status() == 404, "refresh: {}", r.status());
+        // Its answer is not checked: `count` asks again while the engine is not ready.
+        let _ = self.http.post(format!("{}/{}/_refresh", self.url, self.index)).send().await;
     }
 
-    /// Documents visible to search, after a refresh.
+    /// Documents visible to search, after a refresh. A real engine may answer 503 for a
+    /// moment after the index is created (its shards not yet started): asked again then.
     pub async fn count(&self) -> usize {
-        self.refresh().await;
-        let r = self.http.get(format!("{}/{}/_count", self.url, self.index)).send().await.unwrap();
-        if r.status() == 404 {
-            return 0;
+        let mut last = String::new();
+        for _ in 0..100 {
+            self.refresh().await;
+            let r = self.http.get(format!("{}/{}/_count", self.url, self.index)).send().await.unwrap();
+            let status = r.status();
+            if status == 404 {
+                return 0;
+            }
+            let v: Value = r.json().await.unwrap_or_default();
+            if let Some(count) = v["count"].as_u64().filter(|_| status.is_success()) {
+                return count as usize;
+            }
+            last = format!("{status} {v}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        let v: Value = r.json().await.unwrap();
-        v["count"].as_u64().expect("count") as usize
+        panic!("_count kept failing: {last}");
     }
 
     /// Waits until `n` documents are visible, or the timeout; returns the last count.
