@@ -372,7 +372,9 @@ impl StateStore {
     }
 
     /// Parts not updated for `older_than` whose item is incomplete. With `deliver_lease`
-    /// they move to the outbox under that lease; without, they are removed.
+    /// they move to the outbox under that lease; without, they are removed. Also removes
+    /// completed items' records older than `state.remember_completed` (Redis: a few of its
+    /// record buckets per call, see [`records`]).
     pub async fn sweep_orphans(
         &self,
         older_than: Duration,
