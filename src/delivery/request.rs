@@ -53,7 +53,8 @@ pub struct Context {
     /// Which action writes which document.
     pub writes: Writes,
     /// How long an update waits for its document to appear (its completion may still be on
-    /// its way) before it is dead-lettered as missing: `durability.outbox_resend_after`.
+    /// its way) before its parts go back to the store as a new item's (reopened):
+    /// `durability.outbox_resend_after`.
     pub missing_grace: std::time::Duration,
 }
 
@@ -361,14 +362,15 @@ pub(super) fn encode(ctx: &Context, docs: Vec<Document>) -> (Bytes, Vec<Encoded>
     let mut spans = Vec::with_capacity(docs.len());
     for doc in &docs {
         let start = body.len();
-        let source = encode_op(&mut body, doc, &ctx.schema, ctx.vectors, ctx.writes.action(doc));
-        spans.push((start..body.len(), source.start - start..source.end - start));
+        let action = ctx.writes.action(doc);
+        let source = encode_op(&mut body, doc, &ctx.schema, ctx.vectors, action);
+        spans.push((action, start..body.len(), source.start - start..source.end - start));
     }
     let body = body.freeze();
     let encoded = docs
         .into_iter()
         .zip(spans)
-        .map(|(mut doc, (op, source))| {
+        .map(|(mut doc, (action, op, source))| {
             let version = doc.version();
             if doc.origin == Origin::Outbox {
                 ctx.outbox.start(&doc.id, version);
@@ -376,7 +378,7 @@ pub(super) fn encode(ctx: &Context, docs: Vec<Document>) -> (Bytes, Vec<Encoded>
             Encoded {
                 id: doc.id.clone(),
                 version,
-                action: ctx.writes.action(&doc),
+                action,
                 update: doc.update,
                 complete: !doc.is_incomplete(),
                 op: body.slice(op),
