@@ -179,9 +179,23 @@ pub enum LatePartsAction {
 #[derive(Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RedisSettings {
-    /// `redis://[user:password@]host:port[/db]`, or `rediss://` for TLS.
+    /// `redis://[user:password@]host:port[/db]`, or `rediss://` for TLS: one node, or a
+    /// primary with replicas. Unused when `cluster_nodes` is set.
     #[serde(serialize_with = "crate::secret::serialize_url")]
     pub url: String,
+    /// Seed nodes of a Redis Cluster (`redis://` or `rediss://` URLs, credentials in
+    /// them); when set, embedjoin runs in cluster mode.
+    #[serde(serialize_with = "crate::secret::serialize_urls")]
+    pub cluster_nodes: Vec<String>,
+    /// Virtual buckets items are spread over (see `state::redis::keys`): fixed for the
+    /// life of the stored data.
+    pub buckets: u32,
+    /// With `durability.ack = "persisted"`, a flush counts as durable only once this many
+    /// replicas of each master it wrote to have it (`WAIT`); 0 does not wait.
+    pub wait_replicas: usize,
+    /// How long a flush waits for `wait_replicas`; then it fails and is retried.
+    #[serde(with = "humantime_serde")]
+    pub wait_timeout: Duration,
     /// Prefix of every key embedjoin writes.
     pub key_prefix: String,
     /// Time after which an incomplete partial expires.
@@ -189,8 +203,9 @@ pub struct RedisSettings {
     pub partial_ttl: Duration,
     /// List (under the prefix) that receives dead-lettered documents.
     pub dead_letter_key: String,
-    /// How many hashes share the records of completed items, per generation (see
-    /// `state::records`): a hash stays compact up to Redis's `hash-max-listpack-entries`.
+    /// About how many hashes share the records of completed items (see `state::records`),
+    /// rounded up to a multiple of `buckets`: a hash stays compact up to Redis's
+    /// `hash-max-listpack-entries`.
     pub record_buckets: u32,
     #[serde(with = "humantime_serde")]
     pub response_timeout: Duration,
@@ -338,6 +353,14 @@ impl std::fmt::Debug for ElasticsearchSettings {
     }
 }
 
+fn redis_url(key: &str, value: &str) -> Result<(), ConfigError> {
+    let parsed = url::Url::parse(value).map_err(|e| invalid(key, format!("cannot parse `{value}`: {e}")))?;
+    if !matches!(parsed.scheme(), "redis" | "rediss") {
+        return Err(invalid(key, "must start with redis:// or rediss://"));
+    }
+    Ok(())
+}
+
 fn debug_as_serialized<T: Serialize>(name: &str, value: &T, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
     match serde_json::to_value(value) {
         Ok(shown) => write!(f, "{name} {shown}"),
@@ -384,7 +407,8 @@ impl Settings {
             .separator("__")
             .try_parsing(true)
             .list_separator(",")
-            .with_list_parse_key("elasticsearch.retry_statuses");
+            .with_list_parse_key("elasticsearch.retry_statuses")
+            .with_list_parse_key("redis.cluster_nodes");
         let mut settings: Settings = builder.add_source(env).build()?.try_deserialize()?;
         for (var, field) in SECRET_ENV {
             if let Ok(value) = std::env::var(var) {
@@ -481,11 +505,14 @@ impl Settings {
             return Err(invalid("shards.count", "must be at most 4096"));
         }
 
-        let redis_url =
-            url::Url::parse(&self.redis.url).map_err(|e| invalid("redis.url", format!("cannot parse: {e}")))?;
-        if !matches!(redis_url.scheme(), "redis" | "rediss") {
-            return Err(invalid("redis.url", "must start with redis:// or rediss://"));
+        redis_url("redis.url", &self.redis.url)?;
+        for node in &self.redis.cluster_nodes {
+            redis_url("redis.cluster_nodes", node)?;
         }
+        if !(1..=16384).contains(&self.redis.buckets) {
+            return Err(invalid("redis.buckets", "must be between 1 and 16384 (Redis Cluster's slots)"));
+        }
+        nonzero_duration("redis.wait_timeout", self.redis.wait_timeout)?;
         if self.redis.key_prefix.contains(['{', '}']) {
             return Err(invalid("redis.key_prefix", "must not contain `{` or `}` (they delimit the cluster hash tag)"));
         }

@@ -93,6 +93,11 @@ pub fn serialize_url<S: Serializer>(url: &str, serializer: S) -> Result<S::Ok, S
     serializer.serialize_str(&redact_url(url))
 }
 
+/// Each URL of a list through [`redact_url`] (for `serialize_with`).
+pub fn serialize_urls<S: Serializer>(urls: &[String], serializer: S) -> Result<S::Ok, S::Error> {
+    serializer.collect_seq(urls.iter().map(|u| redact_url(u)))
+}
+
 /// Compares two byte strings in time that depends on their lengths only, not on where they
 /// first differ, so that a client cannot find a token byte by byte by timing answers.
 pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {

@@ -5,10 +5,10 @@
 //! A key per item would cost about 200 bytes in Redis (a key, its object, its expiry), more
 //! than the record itself. So records are packed, as fields of shared hashes:
 //!
-//! - **Buckets.** An item's record is the field `<id>` of the hash of its bucket,
-//!   `{prefix}records:{<bucket>}`, bucket = FNV-1a of the id modulo
-//!   `redis.record_buckets`. Hashes of up to `hash-max-listpack-entries` (128) fields are
-//!   listpacks: about 45 bytes per record.
+//! - **Buckets.** An item's record is the field `<id>` of one of its bucket's record
+//!   hashes, `{prefix}{<tag>}r:<k>` (see [`super::redis::keys`]): about
+//!   `redis.record_buckets` hashes in all. Hashes of up to `hash-max-listpack-entries`
+//!   (128) fields are listpacks: about 45 bytes per record.
 //! - **Value.** `struct.pack('<B' .. 'I7' x (n + 2))`: the fingerprint of the configured
 //!   part types (a record written for other parts is not read), when it was written (unix
 //!   ms), the completion's version, then each part's stamp in configured order (7 bytes:
@@ -19,8 +19,10 @@
 //!   bucket is visited every eighth of `remember_completed` (at most 1024 a round).
 
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
+use super::redis::keys::{fnv1a, Keys};
 use crate::model::Schema;
 
 /// The Lua functions of `record.lua`, prepended to the scripts that use them.
@@ -34,8 +36,9 @@ const MAX_ROUND: u32 = 1024;
 const NUMBER_BYTES: usize = 7;
 
 pub struct Records {
-    prefix: String,
-    buckets: u32,
+    keys: Arc<Keys>,
+    /// Record hashes in all.
+    hashes: u32,
     remember_ms: u64,
     fingerprint: u8,
     parts: usize,
@@ -47,16 +50,16 @@ pub struct Records {
 
 impl Records {
     /// Records for `remember`, swept by maintenance rounds `round` apart.
-    pub fn new(prefix: &str, buckets: u32, remember: Duration, round: Duration, schema: &Schema) -> Records {
-        let buckets = buckets.max(1);
+    pub fn new(keys: Arc<Keys>, remember: Duration, round: Duration, schema: &Schema) -> Records {
+        let buckets = keys.buckets() * keys.record_hashes();
         let remember_ms = remember.as_millis().clamp(1, u64::MAX as u128) as u64;
         // Every bucket once per eighth of remember_completed.
         let rounds = (remember_ms / 8) as f64 / (round.as_millis().max(1) as f64);
         let per_round =
             (f64::from(buckets) / rounds.max(1.0)).ceil().clamp(1.0, f64::from(buckets.min(MAX_ROUND))) as u32;
         Records {
-            prefix: prefix.to_owned(),
-            buckets,
+            keys,
+            hashes: buckets,
             remember_ms,
             fingerprint: fingerprint(schema),
             parts: schema.len(),
@@ -74,19 +77,17 @@ impl Records {
         self.remember_ms
     }
 
-    /// The hash that holds the record of `id`.
-    pub fn key(&self, id: &str) -> String {
-        self.bucket_key(fnv1a(id.as_bytes()) % self.buckets)
-    }
-
-    fn bucket_key(&self, bucket: u32) -> String {
-        format!("{}records:{{{bucket}}}", self.prefix)
-    }
-
-    /// The buckets this sweep round visits.
-    pub fn next_round(&self) -> Vec<String> {
+    /// The record hashes this sweep round visits: `(bucket, key)`.
+    pub fn next_round(&self) -> Vec<(u32, String)> {
         let first = self.cursor.fetch_add(self.per_round, Ordering::Relaxed);
-        (0..self.per_round).map(|i| self.bucket_key(first.wrapping_add(i) % self.buckets)).collect()
+        let per_bucket = self.keys.record_hashes();
+        (0..self.per_round)
+            .map(|i| {
+                let n = first.wrapping_add(i) % self.hashes;
+                let bucket = n / per_bucket;
+                (bucket, self.keys.record_hash(bucket, n % per_bucket))
+            })
+            .collect()
     }
 
     /// A record's version, if it is one for the configured parts, written within
@@ -111,10 +112,6 @@ fn fingerprint(schema: &Schema) -> u8 {
     (fnv1a(names.join("\n").as_bytes()) % 251) as u8
 }
 
-/// 32-bit FNV-1a: stable across versions and platforms, as a bucket must be.
-fn fnv1a(bytes: &[u8]) -> u32 {
-    bytes.iter().fold(0x811c_9dc5u32, |h, b| (h ^ u32::from(*b)).wrapping_mul(0x0100_0193))
-}
 
 #[cfg(test)]
 mod tests {
@@ -123,25 +120,21 @@ mod tests {
 
     fn records(buckets: u32) -> Records {
         let schema = Schema::new(&Settings::defaults().parts);
-        Records::new("ej:", buckets, Duration::from_secs(8000), Duration::from_secs(1), &schema)
+        let keys = Arc::new(Keys::new("ej:", buckets.min(1024), buckets));
+        Records::new(keys, Duration::from_secs(8000), Duration::from_secs(1), &schema)
     }
 
     #[test]
-    fn an_id_has_one_bucket_and_a_round_visits_each_bucket_in_turn() {
+    fn a_round_visits_each_record_hash_in_turn() {
         let records = records(16384);
-        assert_eq!(
-            fnv1a(b"sku-1"),
-            0x5ba1_d62c,
-            "FNV-1a 32, as any implementation computes it: stored keys depend on it"
-        );
-        assert_eq!(records.key("sku-1"), format!("ej:records:{{{}}}", 0x5ba1_d62c % 16384));
-        // 16384 buckets, every 1000 s (an eighth of 8000 s), in rounds of 1 s: 17 a round.
+        // 16384 hashes, every 1000 s (an eighth of 8000 s), in rounds of 1 s: 17 a round.
         assert_eq!(records.per_round, 17);
         let mut seen = std::collections::HashSet::new();
         for _ in 0..1000 {
             seen.extend(records.next_round());
         }
-        assert_eq!(seen.len(), 16384, "every bucket within an eighth of remember_completed");
+        assert_eq!(seen.len(), 16384, "every hash within an eighth of remember_completed");
+        assert!(seen.iter().all(|(bucket, key)| key.starts_with("ej:{") && *bucket < 1024));
     }
 
     #[test]

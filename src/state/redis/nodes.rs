@@ -1,0 +1,365 @@
+//! The connection to Redis: one node (or a primary with replicas) through `redis.url`, or a
+//! Redis Cluster through `redis.cluster_nodes`, behind one way of running many calls.
+//!
+//! [`Nodes::exec`] runs a list of calls, each on one slot (see [`super::keys`]): it groups
+//! them by the master that serves their slot, sends each group as one pipeline, the groups
+//! concurrently, and returns the replies in order. Every call may be sent twice (all of
+//! embedjoin's calls are idempotent), so:
+//!
+//! - a reply that says the slot moved (`MOVED`, `ASK`, `TRYAGAIN`, `CLUSTERDOWN`: a failover
+//!   or a resharding) sends that call again by itself, which the cluster client redirects
+//!   (and so learns the new owner), and refreshes the grouping;
+//! - a reply that says the node does not know a script (`NOSCRIPT`: a restarted node, or a
+//!   replica promoted since the scripts were loaded) loads the scripts there and sends the
+//!   call again.
+//!
+//! With `redis.wait_replicas = N`, a durable write's group ends with `WAIT N`: the writes
+//! count as done only once N replicas of that master have them.
+
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use futures_util::future::join_all;
+use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
+use redis::cluster_async::ClusterConnection;
+use redis::cluster_routing::{
+    MultipleNodeRoutingInfo, ResponsePolicy, Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr,
+};
+use redis::{Cmd, ErrorKind, RedisFuture, ServerErrorKind, Value};
+
+use super::keys::SLOTS;
+use crate::config::RedisSettings;
+use crate::state::StateError;
+
+/// How often one call is sent again after a redirection or a missing script.
+const ATTEMPTS: usize = 4;
+
+/// One call: a command whose keys are all in `slot`.
+pub struct Call {
+    pub slot: u16,
+    pub cmd: Cmd,
+}
+
+/// A connection of either kind; cheap to clone.
+#[derive(Clone)]
+pub enum Conn {
+    Single(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
+impl ConnectionLike for Conn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            Conn::Single(c) => c.req_packed_command(cmd),
+            Conn::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            Conn::Single(c) => c.req_packed_commands(pipeline, offset, count),
+            Conn::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Conn::Single(c) => c.get_db(),
+            Conn::Cluster(c) => c.get_db(),
+        }
+    }
+}
+
+/// Which master serves each slot, as last read (`CLUSTER SLOTS`).
+#[derive(Debug, Clone)]
+pub struct Topology {
+    /// `host:port` of each master.
+    pub masters: Vec<String>,
+    /// Per slot, the index of its master in `masters`, or `None` while no master serves it.
+    pub owner: Vec<Option<u16>>,
+}
+
+impl Topology {
+    fn single() -> Topology {
+        Topology { masters: vec!["the configured node".into()], owner: vec![Some(0); SLOTS as usize] }
+    }
+
+    /// Slots no master serves.
+    pub fn uncovered(&self) -> usize {
+        self.owner.iter().filter(|o| o.is_none()).count()
+    }
+
+    fn parse(reply: Value) -> Result<Topology, StateError> {
+        let bad = || StateError::Protocol(format!("unexpected CLUSTER SLOTS reply: {reply:?}"));
+        let Value::Array(ranges) = &reply else { return Err(bad()) };
+        let mut topology = Topology { masters: Vec::new(), owner: vec![None; SLOTS as usize] };
+        for range in ranges {
+            let Value::Array(fields) = range else { return Err(bad()) };
+            let (Some(Value::Int(start)), Some(Value::Int(end)), Some(Value::Array(master))) =
+                (fields.first(), fields.get(1), fields.get(2))
+            else {
+                return Err(bad());
+            };
+            let host = match master.first() {
+                Some(Value::BulkString(h)) => String::from_utf8_lossy(h).into_owned(),
+                Some(Value::SimpleString(h)) => h.clone(),
+                _ => return Err(bad()),
+            };
+            let Some(Value::Int(port)) = master.get(1) else { return Err(bad()) };
+            let address = format!("{host}:{port}");
+            let index = match topology.masters.iter().position(|m| *m == address) {
+                Some(i) => i,
+                None => {
+                    topology.masters.push(address);
+                    topology.masters.len() - 1
+                }
+            };
+            for slot in (*start).max(0)..=(*end).min(i64::from(SLOTS) - 1) {
+                topology.owner[slot as usize] = Some(index as u16);
+            }
+        }
+        Ok(topology)
+    }
+}
+
+/// The connection, what it knows of the cluster, and the scripts every master must have.
+#[derive(Clone)]
+pub struct Nodes {
+    conn: Conn,
+    topology: Arc<RwLock<Arc<Topology>>>,
+    scripts: Arc<Vec<String>>,
+    /// `(replicas, timeout)` for durable writes, from `redis.wait_replicas`.
+    wait: Option<(usize, Duration)>,
+}
+
+impl Nodes {
+    /// Connects to the configured node or cluster and loads `scripts` on every master.
+    pub async fn connect(settings: &RedisSettings, scripts: Vec<String>) -> Result<Nodes, StateError> {
+        let conn = if settings.cluster_nodes.is_empty() {
+            let client = redis::Client::open(settings.url.as_str())?;
+            let config = ConnectionManagerConfig::new()
+                .set_response_timeout(Some(settings.response_timeout))
+                .set_connection_timeout(Some(settings.connection_timeout))
+                .set_number_of_retries(2)
+                .set_max_delay(Duration::from_secs(1));
+            Conn::Single(ConnectionManager::new_with_config(client, config).await?)
+        } else {
+            let client = redis::cluster::ClusterClient::builder(settings.cluster_nodes.iter().map(String::as_str))
+                .response_timeout(settings.response_timeout)
+                .connection_timeout(settings.connection_timeout)
+                .retries(3)
+                .max_retry_wait(1000)
+                .build()?;
+            Conn::Cluster(client.get_async_connection().await?)
+        };
+        let wait = (settings.wait_replicas > 0).then_some((settings.wait_replicas, settings.wait_timeout));
+        let nodes = Nodes {
+            conn,
+            topology: Arc::new(RwLock::new(Arc::new(Topology::single()))),
+            scripts: Arc::new(scripts),
+            wait,
+        };
+        nodes.refresh().await?;
+        nodes.load_scripts(None).await?;
+        Ok(nodes)
+    }
+
+    /// A connection for commands on one key (or keys of one slot): the cluster client
+    /// routes them itself.
+    pub fn conn(&self) -> Conn {
+        self.conn.clone()
+    }
+
+    pub fn is_cluster(&self) -> bool {
+        matches!(self.conn, Conn::Cluster(_))
+    }
+
+    /// The masters and which slots each serves, as last read.
+    pub fn topology(&self) -> Arc<Topology> {
+        self.topology.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Reads the cluster's slot map again (nothing to read for a single node).
+    pub async fn refresh(&self) -> Result<Arc<Topology>, StateError> {
+        let Conn::Cluster(_) = &self.conn else { return Ok(self.topology()) };
+        let reply: Value = redis::cmd("CLUSTER").arg("SLOTS").query_async(&mut self.conn()).await?;
+        let topology = Arc::new(Topology::parse(reply)?);
+        *self.topology.write().unwrap_or_else(|e| e.into_inner()) = topology.clone();
+        Ok(topology)
+    }
+
+    /// Loads the scripts on the master of `slot`, or on every master.
+    async fn load_scripts(&self, slot: Option<u16>) -> Result<(), StateError> {
+        let routing = match slot {
+            Some(slot) => RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(Route::new(slot, SlotAddr::Master))),
+            None => RoutingInfo::MultiNode((MultipleNodeRoutingInfo::AllMasters, Some(ResponsePolicy::AllSucceeded))),
+        };
+        for script in self.scripts.iter() {
+            let mut load = redis::cmd("SCRIPT");
+            load.arg("LOAD").arg(script.as_str());
+            match &self.conn {
+                Conn::Single(c) => {
+                    load.query_async::<()>(&mut c.clone()).await?;
+                }
+                Conn::Cluster(c) => {
+                    c.clone().route_command(load, routing.clone()).await?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs `calls` (see the module's doc); `durable` writes wait for the configured
+    /// replicas. One reply per call, in order; a server error is that call's reply.
+    pub async fn exec(&self, calls: &[Call], durable: bool) -> Result<Vec<Value>, StateError> {
+        if calls.is_empty() {
+            return Ok(Vec::new());
+        }
+        let topology = self.topology();
+        let mut groups: Vec<(u16, Vec<usize>)> = Vec::new();
+        let mut group_of_master: Vec<Option<usize>> = vec![None; topology.masters.len() + 1];
+        for (i, call) in calls.iter().enumerate() {
+            // A slot no master serves (mid-failover) rides with the first group.
+            let master = topology.owner[call.slot as usize].map_or(topology.masters.len(), usize::from);
+            match group_of_master[master] {
+                Some(g) => groups[g].1.push(i),
+                None => {
+                    group_of_master[master] = Some(groups.len());
+                    groups.push((call.slot, vec![i]));
+                }
+            }
+        }
+        let sent = join_all(groups.iter().map(|(slot, members)| self.pipeline(*slot, members, calls, durable))).await;
+        let mut replies: Vec<Value> = vec![Value::Nil; calls.len()];
+        let mut again = Vec::new();
+        for ((_, members), result) in groups.iter().zip(sent) {
+            for (&i, reply) in members.iter().zip(result?) {
+                if retry_alone(&reply).is_some() {
+                    again.push(i);
+                }
+                replies[i] = reply;
+            }
+        }
+        if !again.is_empty() {
+            let refreshed = self.refresh();
+            let alone = join_all(again.iter().map(|&i| self.alone(&calls[i], durable)));
+            let (refreshed, alone) = tokio::join!(refreshed, alone);
+            refreshed?;
+            for (i, reply) in again.into_iter().zip(alone) {
+                replies[i] = reply?;
+            }
+        }
+        Ok(replies)
+    }
+
+    /// One group's pipeline, sent to the master of `slot`.
+    async fn pipeline(&self, slot: u16, members: &[usize], calls: &[Call], durable: bool) -> Result<Vec<Value>, StateError> {
+        let mut pipe = redis::pipe();
+        for &i in members {
+            pipe.add_command(calls[i].cmd.clone());
+        }
+        if durable {
+            if let Some((replicas, timeout)) = self.wait {
+                pipe.cmd("WAIT").arg(replicas).arg(timeout.as_millis() as u64);
+            }
+        }
+        let mut replies = match &self.conn {
+            Conn::Single(c) => c.clone().req_packed_commands(&pipe, 0, pipe.len()).await?,
+            Conn::Cluster(c) => {
+                let route = SingleNodeRoutingInfo::SpecificNode(Route::new(slot, SlotAddr::Master));
+                c.clone().route_pipeline(pipe.clone(), 0, pipe.len(), route).await?
+            }
+        };
+        if durable {
+            if let Some((replicas, timeout)) = self.wait {
+                let acked = replies.pop();
+                check_replicas(acked, replicas, timeout)?;
+            }
+        }
+        if replies.len() != members.len() {
+            return Err(StateError::Protocol(format!("{} replies for {} commands", replies.len(), members.len())));
+        }
+        Ok(replies)
+    }
+
+    /// One call sent by itself, routed (and redirected) by the client, until it is neither
+    /// redirected nor missing its script.
+    async fn alone(&self, call: &Call, durable: bool) -> Result<Value, StateError> {
+        let mut reply = Value::Nil;
+        for attempt in 0..ATTEMPTS {
+            if attempt > 0 {
+                tokio::time::sleep(Duration::from_millis(100 << attempt)).await;
+            }
+            reply = match self.conn().req_packed_command(&call.cmd).await {
+                Ok(reply) => reply,
+                Err(e) if is_noscript(&e) && attempt + 1 < ATTEMPTS => {
+                    self.load_scripts(Some(call.slot)).await?;
+                    continue;
+                }
+                Err(e) if (e.is_cluster_error() || e.is_io_error()) && attempt + 1 < ATTEMPTS => continue,
+                Err(e) => return Err(e.into()),
+            };
+            match retry_alone(&reply) {
+                Some(Again::Script) => self.load_scripts(Some(call.slot)).await?,
+                Some(Again::Moved) => {}
+                None => {
+                    if durable {
+                        self.wait_at(call.slot).await?;
+                    }
+                    return Ok(reply);
+                }
+            }
+        }
+        Ok(reply)
+    }
+
+    /// `WAIT` on the master of `slot`, after a write sent there by itself.
+    async fn wait_at(&self, slot: u16) -> Result<(), StateError> {
+        let Some((replicas, timeout)) = self.wait else { return Ok(()) };
+        let mut wait = redis::cmd("WAIT");
+        wait.arg(replicas).arg(timeout.as_millis() as u64);
+        let acked = match &self.conn {
+            Conn::Single(c) => wait.query_async::<Value>(&mut c.clone()).await?,
+            Conn::Cluster(c) => {
+                let route = SingleNodeRoutingInfo::SpecificNode(Route::new(slot, SlotAddr::Master));
+                c.clone().route_command(wait, RoutingInfo::SingleNode(route)).await?
+            }
+        };
+        check_replicas(Some(acked), replicas, timeout)
+    }
+}
+
+fn check_replicas(acked: Option<Value>, wanted: usize, timeout: Duration) -> Result<(), StateError> {
+    match acked {
+        Some(Value::Int(n)) if n >= wanted as i64 => Ok(()),
+        Some(Value::Int(n)) => Err(StateError::Replicas { wanted, acked: n.max(0) as usize, timeout }),
+        other => Err(StateError::Protocol(format!("WAIT returned {other:?}"))),
+    }
+}
+
+enum Again {
+    Script,
+    Moved,
+}
+
+/// Whether a call's reply asks for it to be sent again by itself.
+fn retry_alone(reply: &Value) -> Option<Again> {
+    let Value::ServerError(e) = reply else { return None };
+    match e.kind() {
+        Some(ServerErrorKind::NoScript) => Some(Again::Script),
+        Some(
+            ServerErrorKind::Moved | ServerErrorKind::Ask | ServerErrorKind::TryAgain | ServerErrorKind::ClusterDown,
+        ) => Some(Again::Moved),
+        _ => None,
+    }
+}
+
+/// Whether a reply is a script the node does not know.
+pub fn is_noscript(e: &redis::RedisError) -> bool {
+    e.kind() == ErrorKind::Server(ServerErrorKind::NoScript)
+}
