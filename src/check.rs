@@ -100,11 +100,30 @@ async fn check_state(settings: &Settings, timeout: Duration) -> Result<String, S
     let schema = Schema::new(&settings.parts);
     let opened = tokio::time::timeout(timeout, async {
         let store = StateStore::connect(settings, &schema).await?;
-        store.ping().await
+        store.ping().await?;
+        Ok::<_, StateError>(store)
     })
     .await;
     match opened {
-        Ok(Ok(())) => Ok(described),
+        Ok(Ok(StateStore::Redis(store))) if store.nodes().is_cluster() => {
+            let topology = store.nodes().topology();
+            let uncovered = topology.uncovered();
+            let masters = topology.masters.join(", ");
+            if uncovered > 0 {
+                return Err(format!(
+                    "the Redis Cluster serves {} of 16384 slots: items of buckets in the other {uncovered} \
+                     cannot be stored. Masters: {masters}. Fix the cluster (redis-cli --cluster check).",
+                    16384 - uncovered
+                ));
+            }
+            Ok(format!(
+                "{described}; a Redis Cluster of {} masters ({masters}) serving all 16384 slots, \
+                 {} buckets",
+                topology.masters.len(),
+                store.keys().buckets()
+            ))
+        }
+        Ok(Ok(_)) => Ok(described),
         Ok(Err(e)) => Err(state_problem(settings, &e)),
         Err(_) => Err(format!("the {:?} state store did not open within {timeout:?}.", settings.state.backend)),
     }
@@ -112,7 +131,7 @@ async fn check_state(settings: &Settings, timeout: Duration) -> Result<String, S
 
 fn state_problem(settings: &Settings, e: &StateError) -> String {
     match e {
-        StateError::Redis(e) => redis_problem(&settings.redis.url, e),
+        StateError::Redis(e) => redis_problem(settings, redis_target(settings), e),
         StateError::EmbeddedOpen { .. } => format!(
             "{e}. Is a running embedjoin holding it (one process per store file)? Set embedded.path or \
              EMBEDJOIN__EMBEDDED__PATH."
@@ -124,15 +143,16 @@ fn state_problem(settings: &Settings, e: &StateError) -> String {
 /// Reaches Redis with a plain connection first, to say precisely what is wrong: nobody
 /// listening, no answer, refused credentials, too old a version.
 async fn diagnose_redis(settings: &Settings, timeout: Duration) -> Result<String, String> {
-    let url = &settings.redis.url;
+    let url = redis_target(settings);
     let shown = redact_url(url);
     let no_answer = || {
         format!(
             "Redis at {shown} did not answer within {timeout:?}. Is the host reachable, and is it \
-             a Redis (rediss:// for TLS)? Set redis.url or EMBEDJOIN__REDIS__URL."
+             a Redis (rediss:// for TLS)? Set {}.",
+            redis_setting(settings)
         )
     };
-    let client = redis::Client::open(url.as_str()).map_err(|e| redis_problem(url, &e))?;
+    let client = redis::Client::open(url).map_err(|e| redis_problem(settings, url, &e))?;
     let config =
         redis::AsyncConnectionConfig::new().set_connection_timeout(Some(timeout)).set_response_timeout(Some(timeout));
     let info: String = tokio::time::timeout(timeout, async {
@@ -143,7 +163,7 @@ async fn diagnose_redis(settings: &Settings, timeout: Duration) -> Result<String
     })
     .await
     .map_err(|_| no_answer())?
-    .map_err(|e| if e.is_timeout() { no_answer() } else { redis_problem(url, &e) })?;
+    .map_err(|e| if e.is_timeout() { no_answer() } else { redis_problem(settings, url, &e) })?;
     let version = info.lines().find_map(|l| l.strip_prefix("redis_version:")).map(str::trim);
     match version.and_then(parse_version) {
         Some(v) if v < MIN_REDIS => Err(format!(
@@ -159,10 +179,24 @@ async fn diagnose_redis(settings: &Settings, timeout: Duration) -> Result<String
     }
 }
 
+/// The Redis embedjoin reaches first: the first seed of a cluster, or the single node.
+fn redis_target(settings: &Settings) -> &str {
+    settings.redis.cluster_nodes.first().unwrap_or(&settings.redis.url)
+}
+
+/// The setting that says where Redis is.
+fn redis_setting(settings: &Settings) -> &'static str {
+    if settings.redis.cluster_nodes.is_empty() {
+        "redis.url or EMBEDJOIN__REDIS__URL"
+    } else {
+        "redis.cluster_nodes or EMBEDJOIN__REDIS__CLUSTER_NODES"
+    }
+}
+
 /// What went wrong with Redis, and what to fix.
-fn redis_problem(url: &str, e: &redis::RedisError) -> String {
+fn redis_problem(settings: &Settings, url: &str, e: &redis::RedisError) -> String {
     let shown = redact_url(url);
-    let fix = "Set redis.url or EMBEDJOIN__REDIS__URL.";
+    let fix = format!("Set {}.", redis_setting(settings));
     if e.is_connection_refusal() {
         return format!("cannot reach Redis at {shown}: Connection refused. Is redis-server running? {fix}");
     }
@@ -274,7 +308,8 @@ fn secrets_of(settings: &Settings) -> Vec<String> {
         settings.elasticsearch.password.expose().to_owned(),
         settings.elasticsearch.api_key.expose().to_owned(),
     ];
-    for url in [&settings.redis.url, &settings.elasticsearch.url] {
+    let urls = [&settings.redis.url, &settings.elasticsearch.url].into_iter().chain(&settings.redis.cluster_nodes);
+    for url in urls {
         if let Some(password) = url::Url::parse(url).ok().and_then(|u| u.password().map(str::to_owned)) {
             secrets.push(password);
         }

@@ -50,7 +50,9 @@ pub enum StateError {
     #[error("unexpected reply from the store: {0}")]
     Protocol(String),
     /// `redis.wait_replicas` replicas did not confirm a durable write in time.
-    #[error("redis: {acked} of the {wanted} replicas required (redis.wait_replicas) confirmed the write within {timeout:?}")]
+    #[error(
+        "redis: {acked} of the {wanted} replicas required (redis.wait_replicas) confirmed the write within {timeout:?}"
+    )]
     Replicas { wanted: usize, acked: usize, timeout: Duration },
     /// Boxed: redb's error is large, and every store call returns this type.
     #[error("embedded store: {0}")]

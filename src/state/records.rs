@@ -112,7 +112,6 @@ fn fingerprint(schema: &Schema) -> u8 {
     (fnv1a(names.join("\n").as_bytes()) % 251) as u8
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -21,13 +21,13 @@ const DIMS: [(&str, usize); 2] = [(TEXT, 384), (IMAGE, 512)];
 
 /// A batch of parts, and which (id, part) pairs it carries.
 #[derive(Clone)]
-struct Batch {
+pub(crate) struct Batch {
     items: Vec<Value>,
     parts: Vec<(String, &'static str)>,
 }
 
 /// Every part of `ids`, shuffled, in batches: the two parts of an item usually in two.
-fn shuffled_batches(ids: &[String], size: usize, seed: u64) -> Vec<Batch> {
+pub(crate) fn shuffled_batches(ids: &[String], size: usize, seed: u64) -> Vec<Batch> {
     let mut parts: Vec<(String, &'static str, usize)> =
         ids.iter().flat_map(|id| DIMS.iter().map(move |(p, d)| (id.clone(), *p, *d))).collect();
     parts.shuffle(&mut rand::rngs::StdRng::seed_from_u64(seed));
@@ -41,7 +41,7 @@ fn shuffled_batches(ids: &[String], size: usize, seed: u64) -> Vec<Batch> {
 }
 
 /// Ids whose every part was acknowledged.
-fn fully_acknowledged(acked: &HashSet<(String, &'static str)>, ids: &[String]) -> Vec<String> {
+pub(crate) fn fully_acknowledged(acked: &HashSet<(String, &'static str)>, ids: &[String]) -> Vec<String> {
     ids.iter().filter(|id| DIMS.iter().all(|(p, _)| acked.contains(&((*id).clone(), *p)))).cloned().collect()
 }
 
@@ -51,13 +51,13 @@ async fn dead_letters(redis: &RedisServer) -> usize {
 }
 
 /// A load running in the background, and what its clients saw so far.
-struct Load {
-    task: tokio::task::JoinHandle<()>,
-    acked: Arc<Mutex<HashSet<(String, &'static str)>>>,
-    tally: Arc<Mutex<ClientTally>>,
+pub(crate) struct Load {
+    pub task: tokio::task::JoinHandle<()>,
+    pub acked: Arc<Mutex<HashSet<(String, &'static str)>>>,
+    pub tally: Arc<Mutex<ClientTally>>,
 }
 
-fn start_load(batches: Vec<Batch>, workers: usize, target: Arc<Mutex<String>>, patience: Duration) -> Load {
+pub(crate) fn start_load(batches: Vec<Batch>, workers: usize, target: Arc<Mutex<String>>, patience: Duration) -> Load {
     let (acked, tally) = (Arc::default(), Arc::new(Mutex::new(ClientTally::default())));
     let task = tokio::spawn(send_with_retries(batches, workers, target, patience, Arc::clone(&acked), tally.clone()));
     Load { task, acked, tally }
@@ -94,7 +94,7 @@ async fn send_with_retries(
 }
 
 /// Waits until `condition` holds, or panics after `limit`.
-async fn until(limit: Duration, what: &str, mut condition: impl FnMut() -> bool) {
+pub(crate) async fn until(limit: Duration, what: &str, mut condition: impl FnMut() -> bool) {
     let deadline = Instant::now() + limit;
     while !condition() {
         assert!(Instant::now() < deadline, "timed out waiting for: {what}");
@@ -153,7 +153,7 @@ async fn a_failing_document_is_dead_lettered_with_its_reason_and_the_rest_indexe
     assert!(es.doc("bad-doc").await.is_none());
     app.stop().await.unwrap();
     let keys = crate::end_to_end::redis_keys(&redis).await;
-    assert_eq!(keys, vec!["embedjoin:deadletter".to_owned()], "the dead-lettered item left the outbox");
+    assert_eq!(keys, vec!["deadletter".to_owned()], "the dead-lettered item left the outbox");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

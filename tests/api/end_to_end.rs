@@ -10,7 +10,7 @@ use crate::support::app::{spawn_app, test_settings};
 use crate::support::data::{item, stored_vector, vector, IMAGE, TEXT};
 use crate::support::es::EsTarget;
 use crate::support::load::post_all;
-use crate::support::redis_server::RedisServer;
+use crate::support::redis_server::{item_key, key_role, RedisServer};
 
 const TEXT_DIMS: usize = 384;
 const IMAGE_DIMS: usize = 512;
@@ -40,7 +40,7 @@ pub async fn assert_indexed_exactly(es: &EsTarget, ids: &[String]) -> u64 {
 /// Keys left in Redis that hold every part: there must be none.
 pub async fn complete_items_left_in_redis(redis: &RedisServer) -> usize {
     let mut conn = redis.connection().await;
-    let keys: Vec<String> = redis::cmd("KEYS").arg("embedjoin:{*").query_async(&mut conn).await.unwrap();
+    let keys: Vec<String> = redis::cmd("KEYS").arg("embedjoin:{*}i:*").query_async(&mut conn).await.unwrap();
     let mut complete = 0;
     for key in keys {
         let fields: Vec<String> = redis::cmd("HKEYS").arg(&key).query_async(&mut conn).await.unwrap();
@@ -51,13 +51,18 @@ pub async fn complete_items_left_in_redis(redis: &RedisServer) -> usize {
     complete
 }
 
-/// Keys left in Redis, but the epoch marker (which stays for the life of the data) and
-/// completed items' records (the stamps of their parts: no vector, no metadata).
+/// Keys left in Redis, by role ([`key_role`]: `i:x`, `partials`, ...), but the epoch
+/// markers (which stay for the life of the data) and completed items' records (the stamps
+/// of their parts: no vector, no metadata).
 pub async fn redis_keys(redis: &RedisServer) -> Vec<String> {
     let mut conn = redis.connection().await;
     let keys: Vec<String> = redis::cmd("KEYS").arg("*").query_async(&mut conn).await.unwrap();
-    let mut left: Vec<String> =
-        keys.into_iter().filter(|k| k != "embedjoin:epoch" && !k.starts_with("embedjoin:records:")).collect();
+    let mut left: Vec<String> = keys
+        .iter()
+        .map(|k| key_role(k))
+        .filter(|role| *role != "epoch" && !role.starts_with("r:"))
+        .map(str::to_owned)
+        .collect();
     left.sort();
     left
 }
@@ -65,7 +70,7 @@ pub async fn redis_keys(redis: &RedisServer) -> Vec<String> {
 /// How many completed items Redis remembers (fields of the record hashes).
 pub async fn records_in_redis(redis: &RedisServer) -> usize {
     let mut conn = redis.connection().await;
-    let keys: Vec<String> = redis::cmd("KEYS").arg("embedjoin:records:*").query_async(&mut conn).await.unwrap();
+    let keys: Vec<String> = redis::cmd("KEYS").arg("embedjoin:{*}r:*").query_async(&mut conn).await.unwrap();
     let mut records = 0;
     for key in keys {
         let n: usize = redis::cmd("HLEN").arg(&key).query_async(&mut conn).await.unwrap();
@@ -144,7 +149,7 @@ async fn metadata_is_merged_into_the_document_and_the_index_has_vector_mappings(
         assert!(std::time::Instant::now() < deadline, "the partial never reached Redis");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    let ttl: i64 = redis::cmd("PTTL").arg("embedjoin:{m-1}").query_async(&mut conn).await.unwrap();
+    let ttl: i64 = redis::cmd("PTTL").arg(item_key("m-1")).query_async(&mut conn).await.unwrap();
     assert!(ttl > 0, "partials carry a TTL");
     let r = app.post_json(&serde_json::json!({"embeddings": [image]})).await;
     assert_eq!(r.status(), 202);

@@ -3,6 +3,7 @@
 
 mod bad_input;
 mod cli;
+mod cluster;
 mod dead_letters;
 mod defaults;
 mod durability;

@@ -15,7 +15,7 @@ use crate::support::app::{spawn_app, test_settings, TestApp};
 use crate::support::data::{stored_vector, vector, IMAGE, TEXT};
 use crate::support::es::{EsTarget, StoredDoc};
 use crate::support::load::post_all;
-use crate::support::redis_server::RedisServer;
+use crate::support::redis_server::{item_key, RedisServer};
 
 const ITEMS: usize = 500;
 
@@ -172,7 +172,7 @@ async fn an_id_no_longer_remembered_starts_a_new_item() {
     app.post_json(&json!({"embeddings": [copy("r", TEXT, 384, 1)]})).await;
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let fields: Vec<String> = redis::cmd("HKEYS").arg("embedjoin:{r}").query_async(&mut conn).await.unwrap();
+        let fields: Vec<String> = redis::cmd("HKEYS").arg(item_key("r")).query_async(&mut conn).await.unwrap();
         if fields.iter().any(|f| f == TEXT) {
             break;
         }

@@ -15,7 +15,7 @@ use crate::support::app::test_settings;
 use crate::support::data::{stored_vector, vector, IMAGE, TEXT};
 use crate::support::es::{EsTarget, StoredDoc};
 use crate::support::proxy::Proxy;
-use crate::support::redis_server::RedisServer;
+use crate::support::redis_server::{item_key, keys, RedisServer};
 
 const DIMS: usize = 8;
 
@@ -85,7 +85,7 @@ async fn a_stale_copy_never_comes_back_after_a_completion_in_memory() {
         assert!(has_copy(&doc, "x", TEXT, 2), "the index never goes back to TEXT v1");
         if late_parts == LatePartsAction::NewItem {
             // It waits for a TEXT newer than the completed one.
-            assert_eq!(redis_keys(&redis).await, vec!["embedjoin:partials".to_owned(), "embedjoin:{x}".to_owned()]);
+            assert_eq!(redis_keys(&redis).await, vec!["i:x".to_owned(), "partials".to_owned()]);
         } else {
             // It updated the document; only the record stays.
             assert!(has_copy(&doc, "x", IMAGE, 1), "the newer IMAGE updated the document");
@@ -109,7 +109,8 @@ async fn a_flush_whose_reply_was_lost_completes_once_and_leaves_no_orphan() {
     pipeline.router.flush().await.unwrap();
     // The merge of x (its keys name x's outbox), not another script call, such as the
     // maintenance's sweep of records.
-    proxy.lose_reply_to(b"embedjoin:outbox:{x}");
+    let keys = keys();
+    proxy.lose_reply_to(keys.outbox(keys.bucket("x"), "x").as_bytes());
     pipeline.router.submit(vec![part("x", IMAGE, 0, None)]).await.unwrap();
     pipeline.router.flush().await.unwrap(); // applied by Redis; the reply is lost
     assert_eq!(proxy.replies_lost(), 1);
@@ -118,7 +119,7 @@ async fn a_flush_whose_reply_was_lost_completes_once_and_leaves_no_orphan() {
     // No partial was left to expire later as an orphan (and be indexed over the document
     // with `orphans = "index"`): only the completion, waiting in the outbox.
     let left = redis_keys(&redis).await;
-    assert_eq!(left, vec!["embedjoin:outbox".to_owned(), "embedjoin:outbox:{x}".to_owned()]);
+    assert_eq!(left, vec!["o:x".to_owned(), "outbox".to_owned()]);
     // Any instance resends it once its lease lapses.
     s.durability.maintenance_interval = Duration::from_millis(100);
     let again = Pipeline::start(&s).await.unwrap();
@@ -191,7 +192,7 @@ async fn an_unreadable_orphan_is_dead_lettered_with_its_id_and_the_others_are_sw
     let mut conn = redis.connection().await;
     // A partial stored when the configured dims were different: 3 floats, not 8.
     let _: () = redis::cmd("HSET")
-        .arg("embedjoin:{bad}")
+        .arg(item_key("bad"))
         .arg(TEXT)
         .arg(vec![0u8; 12])
         .arg(format!("s:{TEXT}"))
@@ -199,7 +200,13 @@ async fn an_unreadable_orphan_is_dead_lettered_with_its_id_and_the_others_are_sw
         .query_async(&mut conn)
         .await
         .unwrap();
-    let _: () = redis::cmd("ZADD").arg("embedjoin:partials").arg(0).arg("bad").query_async(&mut conn).await.unwrap();
+    let _: () = redis::cmd("ZADD")
+        .arg(keys().partial_index(keys().bucket("bad")))
+        .arg(0)
+        .arg("bad")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
     let mut s = settings(&redis, &es);
     s.durability.orphans = OrphanAction::Index;
     s.durability.maintenance_interval = Duration::from_millis(100);

@@ -1,6 +1,7 @@
-//! The state store contract, run against every backend: a real `redis-server`, and the
-//! embedded store in a temporary directory. "Two stores" are two connections to one Redis,
-//! or two handles of one embedded store (a store file is opened once per process).
+//! The state store contract, run against every backend: a real `redis-server`, a real
+//! Redis Cluster of three masters, and the embedded store in a temporary directory. "Two
+//! stores" are two connections to one Redis (or cluster), or two handles of one embedded
+//! store (a store file is opened once per process).
 
 use std::time::{Duration, SystemTime};
 
@@ -13,6 +14,7 @@ use embedjoin::Settings;
 use serde_json::{json, Value};
 
 use crate::support::data::vector;
+use crate::support::redis_cluster::RedisCluster;
 use crate::support::redis_server::RedisServer;
 
 const TEXT: usize = 0;
@@ -20,32 +22,67 @@ const IMAGE: usize = 1;
 /// The two default parts, small: the contract does not depend on the size.
 const DIMS: [usize; 2] = [4, 6];
 
+/// Which backend a contract test runs on.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Kind {
+    Redis,
+    Cluster,
+    Embedded,
+}
+
 /// One backend instance for one test.
 struct Backend {
     settings: Settings,
     schema: Schema,
     redis: Option<RedisServer>,
+    /// The cluster the tests share, each under its own key prefix.
+    cluster: Option<&'static RedisCluster>,
     _dir: tempfile::TempDir,
 }
 
+/// One cluster for every contract test (started once, on a thread of its own that lives
+/// as long as the test process, whose nodes die with it).
+fn shared_cluster() -> &'static RedisCluster {
+    static CLUSTER: std::sync::OnceLock<&'static RedisCluster> = std::sync::OnceLock::new();
+    CLUSTER.get_or_init(|| {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let runtime = tokio::runtime::Runtime::new().unwrap();
+            let cluster: &'static RedisCluster = Box::leak(Box::new(runtime.block_on(RedisCluster::start(3, 0))));
+            tx.send(cluster).unwrap();
+            loop {
+                std::thread::park();
+            }
+        });
+        rx.recv().expect("the shared cluster starts")
+    })
+}
+
 impl Backend {
-    async fn start(kind: StateBackend) -> Backend {
+    async fn start(kind: Kind) -> Backend {
         let mut settings = Settings::defaults();
         settings.parts[TEXT].dims = DIMS[TEXT];
         settings.parts[IMAGE].dims = DIMS[IMAGE];
-        settings.state.backend = kind;
+        settings.state.backend = if kind == Kind::Embedded { StateBackend::Embedded } else { StateBackend::Redis };
         let dir = tempfile::tempdir().unwrap();
         settings.embedded.path = dir.path().join("state").join("embedjoin.db");
-        let redis = match kind {
-            StateBackend::Redis => {
+        let (mut redis, mut cluster) = (None, None);
+        match kind {
+            Kind::Redis => {
                 let server = RedisServer::start().await;
                 settings.redis.url = server.url();
-                Some(server)
+                redis = Some(server);
             }
-            StateBackend::Embedded => None,
-        };
+            Kind::Cluster => {
+                let shared = tokio::task::spawn_blocking(shared_cluster).await.unwrap();
+                settings.redis.cluster_nodes = shared.seeds();
+                settings.redis.key_prefix = format!("contract-{:x}:", rand::random::<u64>());
+                cluster = Some(shared);
+            }
+            Kind::Embedded => {}
+        }
         let schema = Schema::new(&settings.parts);
-        Backend { settings, schema, redis, _dir: dir }
+        Backend { settings, schema, redis, cluster, _dir: dir }
     }
 
     async fn open(&self) -> StateStore {
@@ -55,22 +92,22 @@ impl Backend {
     /// Two stores on this backend, as two instances of the service would have.
     async fn two_stores(&self) -> (StateStore, StateStore) {
         let a = self.open().await;
-        let b = match self.redis {
-            Some(_) => self.open().await,
-            None => a.clone(),
+        let b = match a {
+            StateStore::Redis(_) => self.open().await,
+            StateStore::Embedded(_) => a.clone(),
         };
         (a, b)
     }
 
     /// Every dead letter, oldest first, as JSON.
     async fn dead_letters(&self, store: &StateStore) -> Vec<Value> {
-        let raw: Vec<Vec<u8>> = match (&self.redis, store) {
-            (Some(redis), _) => {
-                let key = format!("{}{}", self.settings.redis.key_prefix, self.settings.redis.dead_letter_key);
-                redis::cmd("LRANGE").arg(key).arg(0).arg(-1).query_async(&mut redis.connection().await).await.unwrap()
-            }
-            (None, StateStore::Embedded(s)) => s.dead_letters().await.unwrap(),
-            (None, _) => unreachable!("an embedded backend opens an embedded store"),
+        let key = format!("{}{}", self.settings.redis.key_prefix, self.settings.redis.dead_letter_key);
+        let lrange = redis::cmd("LRANGE").arg(key).arg(0).arg(-1).clone();
+        let raw: Vec<Vec<u8>> = match (&self.redis, self.cluster, store) {
+            (Some(redis), _, _) => lrange.query_async(&mut redis.connection().await).await.unwrap(),
+            (_, Some(cluster), _) => lrange.query_async(&mut cluster.connection().await).await.unwrap(),
+            (None, None, StateStore::Embedded(s)) => s.dead_letters().await.unwrap(),
+            _ => unreachable!("an embedded backend opens an embedded store"),
         };
         raw.iter().map(|j| serde_json::from_slice(j).expect("a dead letter is JSON")).collect()
     }
@@ -137,7 +174,7 @@ fn found(swept: Vec<Swept>) -> Vec<Document> {
         .collect()
 }
 
-async fn merge_persists_then_completes_exactly_once(kind: StateBackend) {
+async fn merge_persists_then_completes_exactly_once(kind: Kind) {
     let backend = Backend::start(kind).await;
     let (a, b) = backend.two_stores().await;
     assert_persisted(merge_one(&a, one("x", TEXT, 0, None)).await);
@@ -179,7 +216,7 @@ async fn merge_persists_then_completes_exactly_once(kind: StateBackend) {
     assert_eq!(done, expected, "every item completed exactly once");
 }
 
-async fn the_newest_copy_wins_whatever_order_merges_arrive_in(kind: StateBackend) {
+async fn the_newest_copy_wins_whatever_order_merges_arrive_in(kind: Kind) {
     let backend = Backend::start(kind).await;
     let (a, b) = backend.two_stores().await;
     let (older, newer) = (stamp::next(), stamp::next());
@@ -192,7 +229,7 @@ async fn the_newest_copy_wins_whatever_order_merges_arrive_in(kind: StateBackend
     assert_eq!(doc.metadata.map(Value::Object), Some(json!({"v": 2})), "metadata belongs to its copy");
 }
 
-async fn a_copys_metadata_goes_with_it_and_merges_in_slot_order(kind: StateBackend) {
+async fn a_copys_metadata_goes_with_it_and_merges_in_slot_order(kind: Kind) {
     let backend = Backend::start(kind).await;
     let store = backend.open().await;
     let image_first = one("x", IMAGE, 0, meta(json!({"title": "image", "w": 3})));
@@ -208,7 +245,7 @@ async fn a_copys_metadata_goes_with_it_and_merges_in_slot_order(kind: StateBacke
     assert_eq!(doc.metadata, None);
 }
 
-async fn a_merge_applied_again_after_a_lost_reply_changes_nothing(kind: StateBackend) {
+async fn a_merge_applied_again_after_a_lost_reply_changes_nothing(kind: Kind) {
     let backend = Backend::start(kind).await;
     let store = backend.open().await;
     let text = one("x", TEXT, 0, None);
@@ -238,7 +275,7 @@ fn clone_partial(p: &Partial) -> Partial {
     c
 }
 
-async fn a_completion_in_memory_drops_older_stored_copies(kind: StateBackend) {
+async fn a_completion_in_memory_drops_older_stored_copies(kind: Kind) {
     let mut backend = Backend::start(kind).await;
     backend.settings.state.late_parts = LatePartsAction::NewItem; // a newer copy waits
     let (a, b) = backend.two_stores().await;
@@ -264,7 +301,7 @@ async fn a_completion_in_memory_drops_older_stored_copies(kind: StateBackend) {
     assert_eq!(a.inspect("z").await.unwrap().partial, 0b01, "newer than the completion: kept");
 }
 
-async fn settling_a_version_removes_it_and_older_entries_only(kind: StateBackend) {
+async fn settling_a_version_removes_it_and_older_entries_only(kind: Kind) {
     let mut backend = Backend::start(kind).await;
     backend.settings.state.late_parts = LatePartsAction::NewItem; // completions again and again
     let (a, b) = backend.two_stores().await;
@@ -286,7 +323,7 @@ async fn settling_a_version_removes_it_and_older_entries_only(kind: StateBackend
     assert!(a.claim_outbox(LEASE, 10).await.unwrap().is_empty(), "nothing left to resend");
 }
 
-async fn an_outbox_entry_is_resent_only_after_its_lease_lapses(kind: StateBackend) {
+async fn an_outbox_entry_is_resent_only_after_its_lease_lapses(kind: Kind) {
     let backend = Backend::start(kind).await;
     let (a, b) = backend.two_stores().await;
     let lease = Duration::from_millis(300);
@@ -321,7 +358,7 @@ async fn an_outbox_entry_is_resent_only_after_its_lease_lapses(kind: StateBacken
     assert_eq!(left, ["y", "z"], "a settled entry is never handed out");
 }
 
-async fn parked_documents_wait_in_the_outbox_due_at_once(kind: StateBackend) {
+async fn parked_documents_wait_in_the_outbox_due_at_once(kind: Kind) {
     let backend = Backend::start(kind).await;
     let store = backend.open().await;
     let mut partial = one("m", TEXT, 0, meta(json!({"k": 1}))).1;
@@ -342,7 +379,7 @@ async fn parked_documents_wait_in_the_outbox_due_at_once(kind: StateBackend) {
     assert_eq!(found(store.claim_outbox(LEASE, 10).await.unwrap())[0].version(), doc.version());
 }
 
-async fn the_orphan_sweep_takes_only_old_incomplete_items(kind: StateBackend) {
+async fn the_orphan_sweep_takes_only_old_incomplete_items(kind: Kind) {
     let backend = Backend::start(kind).await;
     let store = backend.open().await;
     assert_persisted(merge_one(&store, one("old", TEXT, 0, meta(json!({"k": 1})))).await);
@@ -365,7 +402,7 @@ async fn the_orphan_sweep_takes_only_old_incomplete_items(kind: StateBackend) {
     assert_persisted(merge_one(&store, one("old", IMAGE, 0, None)).await);
 }
 
-async fn swept_orphans_to_deliver_go_through_the_outbox(kind: StateBackend) {
+async fn swept_orphans_to_deliver_go_through_the_outbox(kind: Kind) {
     let mut backend = Backend::start(kind).await;
     backend.settings.state.late_parts = LatePartsAction::NewItem; // a late part waits as a partial
     let store = backend.open().await;
@@ -390,7 +427,7 @@ async fn swept_orphans_to_deliver_go_through_the_outbox(kind: StateBackend) {
     assert!(resent.iter().all(|d| d.orphan.is_some()));
 }
 
-async fn later_copies_of_a_completed_item_update_its_document(kind: StateBackend) {
+async fn later_copies_of_a_completed_item_update_its_document(kind: Kind) {
     let backend = Backend::start(kind).await;
     let (a, b) = backend.two_stores().await;
     let done = complete(&a, "x").await;
@@ -448,7 +485,7 @@ async fn later_copies_of_a_completed_item_update_its_document(kind: StateBackend
     assert_eq!(due[0].vectors, vec![part_vector("y", TEXT, 3), vec![]]);
 }
 
-async fn a_completion_is_forgotten_after_remember_completed(kind: StateBackend) {
+async fn a_completion_is_forgotten_after_remember_completed(kind: Kind) {
     let mut backend = Backend::start(kind).await;
     backend.settings.state.remember_completed = Duration::from_millis(300);
     let store = backend.open().await;
@@ -467,7 +504,7 @@ async fn a_completion_is_forgotten_after_remember_completed(kind: StateBackend) 
     assert_eq!(store.inspect("x").await.unwrap().partial, 0b01, "not remembered: a copy starts a new item");
 }
 
-async fn dead_letters_are_appended(kind: StateBackend) {
+async fn dead_letters_are_appended(kind: Kind) {
     let backend = Backend::start(kind).await;
     let store = backend.open().await;
     let letter = |id: &str| DeadLetter {
@@ -495,7 +532,15 @@ macro_rules! for_each_backend {
             $(
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $test() {
-                    super::$test(embedjoin::config::StateBackend::Redis).await
+                    super::$test(super::Kind::Redis).await
+                }
+            )*
+        }
+        mod on_cluster {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $test() {
+                    super::$test(super::Kind::Cluster).await
                 }
             )*
         }
@@ -503,7 +548,7 @@ macro_rules! for_each_backend {
             $(
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $test() {
-                    super::$test(embedjoin::config::StateBackend::Embedded).await
+                    super::$test(super::Kind::Embedded).await
                 }
             )*
         }
@@ -528,7 +573,7 @@ for_each_backend!(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn embedded_data_survives_reopening() {
-    let backend = Backend::start(StateBackend::Embedded).await;
+    let backend = Backend::start(Kind::Embedded).await;
     let store = backend.open().await;
     assert_persisted(merge_one(&store, one("partial", TEXT, 0, meta(json!({"k": "v"})))).await);
     let first = complete(&store, "done").await;
@@ -562,9 +607,71 @@ async fn embedded_data_survives_reopening() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_embedded_store_file_is_opened_once() {
-    let backend = Backend::start(StateBackend::Embedded).await;
+    let backend = Backend::start(Kind::Embedded).await;
     let _store = backend.open().await;
     let again = StateStore::connect(&backend.settings, &backend.schema).await;
     let error = again.err().expect("a second open of the same file fails").to_string();
     assert!(error.contains("embedjoin.db"), "the error names the file: {error}");
+}
+
+/// What an embedjoin from before virtual buckets left in Redis is moved into them when a
+/// store connects: a waiting part, an unsettled outbox entry and a record.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_key_layout_before_buckets_is_migrated_at_connect() {
+    let backend = Backend::start(Kind::Redis).await;
+    let mut conn = backend.redis.as_ref().unwrap().connection().await;
+    // A record, as the old layout kept it: written by a store, then moved to an old hash.
+    let store = backend.open().await;
+    let done = complete(&store, "z").await;
+    store.confirm(&[("z".into(), done.version())]).await.unwrap();
+    let StateStore::Redis(redis_store) = &store else { unreachable!() };
+    let record_key = redis_store.keys().record(redis_store.keys().bucket("z"), "z");
+    let record: Vec<u8> = redis::cmd("HGET").arg(&record_key).arg("z").query_async(&mut conn).await.unwrap();
+    let _: () = redis::cmd("FLUSHALL").query_async(&mut conn).await.unwrap();
+    drop(store);
+    let old = |cmd: &mut redis::Cmd| cmd.clone();
+    let text = one("x", TEXT, 0, meta(json!({"k": 1}))).1;
+    let image = one("y", IMAGE, 0, None).1;
+    let y_text = one("y", TEXT, 0, None).1;
+    let bytes = |v: &[f32]| v.iter().flat_map(|f| f.to_le_bytes()).collect::<Vec<u8>>();
+    let mut pipe = redis::pipe();
+    pipe.add_command(old(redis::cmd("HSET")
+        .arg("embedjoin:{x}")
+        .arg("EMBEDDINGS_TEXT")
+        .arg(bytes(text.vectors[TEXT].as_ref().unwrap()))))
+        .add_command(old(redis::cmd("HSET")
+            .arg("embedjoin:{x}")
+            .arg("s:EMBEDDINGS_TEXT")
+            .arg(text.stamps[TEXT])
+            .arg("m:EMBEDDINGS_TEXT")
+            .arg(r#"{"k":1}"#)))
+        .add_command(old(redis::cmd("ZADD").arg("embedjoin:partials").arg(1).arg("x")))
+        .add_command(old(redis::cmd("HSET")
+            .arg("embedjoin:outbox:{y}")
+            .arg("EMBEDDINGS_TEXT")
+            .arg(bytes(y_text.vectors[TEXT].as_ref().unwrap()))
+            .arg("s:EMBEDDINGS_TEXT")
+            .arg(y_text.stamps[TEXT])
+            .arg("EMBEDDINGS_IMAGE")
+            .arg(bytes(image.vectors[IMAGE].as_ref().unwrap()))
+            .arg("s:EMBEDDINGS_IMAGE")
+            .arg(image.stamps[IMAGE])
+            .arg("_v")
+            .arg(y_text.stamps[TEXT].max(image.stamps[IMAGE]))))
+        .add_command(old(redis::cmd("ZADD").arg("embedjoin:outbox").arg(1).arg("y")))
+        .add_command(old(redis::cmd("HSET").arg("embedjoin:records:{77}").arg("z").arg(record)))
+        .add_command(old(redis::cmd("SET").arg("embedjoin:epoch").arg("old")));
+    let _: () = pipe.query_async(&mut conn).await.unwrap();
+
+    let store = backend.open().await;
+    assert_eq!(store.inspect("x").await.unwrap().partial, 0b01, "the waiting part moved");
+    assert_eq!(store.inspect("z").await.unwrap().completed, Some(done.version()), "the record moved");
+    let resent = found(store.claim_outbox(LEASE, 10).await.unwrap());
+    assert_eq!(resent.len(), 1, "the outbox entry moved, due at once");
+    assert_eq!((resent[0].id.as_str(), resent[0].version()), ("y", y_text.stamps[TEXT].max(image.stamps[IMAGE])));
+    assert_eq!(resent[0].vectors, vec![y_text.vectors[TEXT].clone().unwrap(), image.vectors[IMAGE].clone().unwrap()]);
+    let doc = completed(merge_one(&store, one("x", IMAGE, 0, None)).await);
+    assert_eq!(doc.metadata.map(Value::Object), Some(json!({"k": 1})));
+    let old_keys: Vec<String> = redis::cmd("KEYS").arg("embedjoin:[^{]*").query_async(&mut conn).await.unwrap();
+    assert_eq!(old_keys, Vec::<String>::new(), "nothing of the old layout is left");
 }

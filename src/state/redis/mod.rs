@@ -19,6 +19,7 @@
 //! call can be sent again after a redirection or a failover.
 
 pub mod keys;
+mod migrate;
 pub mod nodes;
 
 use std::collections::HashMap;
@@ -146,6 +147,7 @@ impl RedisStore {
             // Set by `StateStore::connect` from durability.dead_letter_max.
             letter_cap: LetterCap { max: usize::MAX, dropped: Default::default() },
         };
+        migrate::old_layout(&store, &settings.key_prefix).await?;
         store.check_epoch().await?;
         Ok(store)
     }
@@ -362,7 +364,12 @@ impl RedisStore {
 
     /// Up to `limit` members, over every bucket's index (`index(bucket)`), with a score (ms)
     /// at most `deadline`: `(bucket, id)`.
-    async fn due(&self, index: impl Fn(u32) -> String, deadline: u64, limit: usize) -> Result<Vec<(u32, String)>, StateError> {
+    async fn due(
+        &self,
+        index: impl Fn(u32) -> String,
+        deadline: u64,
+        limit: usize,
+    ) -> Result<Vec<(u32, String)>, StateError> {
         let calls: Vec<Call> = (0..self.keys.buckets())
             .map(|b| {
                 let mut cmd = redis::cmd("ZRANGE");
@@ -451,6 +458,12 @@ impl RedisStore {
                     cmd.arg(serde_json::to_vec(meta).expect("metadata serialises"));
                 }
                 cmd.arg(VERSION_FIELD).arg(doc.version());
+                if doc.update {
+                    cmd.arg(UPDATE_FIELD).arg("1");
+                }
+                if let Some(kind) = doc.orphan {
+                    cmd.arg(ORPHAN_FIELD).arg(if kind == OrphanKind::Late { "late" } else { "partial" });
+                }
                 Call { slot: self.keys.slot(b), cmd }
             })
             .collect();

@@ -196,7 +196,9 @@ impl Nodes {
     /// Loads the scripts on the master of `slot`, or on every master.
     async fn load_scripts(&self, slot: Option<u16>) -> Result<(), StateError> {
         let routing = match slot {
-            Some(slot) => RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(Route::new(slot, SlotAddr::Master))),
+            Some(slot) => {
+                RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(Route::new(slot, SlotAddr::Master)))
+            }
             None => RoutingInfo::MultiNode((MultipleNodeRoutingInfo::AllMasters, Some(ResponsePolicy::AllSucceeded))),
         };
         for script in self.scripts.iter() {
@@ -258,7 +260,13 @@ impl Nodes {
     }
 
     /// One group's pipeline, sent to the master of `slot`.
-    async fn pipeline(&self, slot: u16, members: &[usize], calls: &[Call], durable: bool) -> Result<Vec<Value>, StateError> {
+    async fn pipeline(
+        &self,
+        slot: u16,
+        members: &[usize],
+        calls: &[Call],
+        durable: bool,
+    ) -> Result<Vec<Value>, StateError> {
         let mut pipe = redis::pipe();
         for &i in members {
             pipe.add_command(calls[i].cmd.clone());

@@ -8,6 +8,7 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
 use super::es::EsTarget;
+use super::redis_cluster::RedisCluster;
 use super::redis_server::RedisServer;
 
 pub struct TestApp {
@@ -20,13 +21,25 @@ pub struct TestApp {
 
 /// Settings for a test: free port, the test's Redis and Elasticsearch, small workers.
 pub fn test_settings(redis: &RedisServer, es: &EsTarget) -> Settings {
+    let mut s = base_settings(es);
+    s.redis.url = redis.url();
+    s
+}
+
+/// Settings for a test on a Redis Cluster (cluster mode: `redis.cluster_nodes`).
+pub fn cluster_settings(cluster: &RedisCluster, es: &EsTarget) -> Settings {
+    let mut s = base_settings(es);
+    s.redis.cluster_nodes = cluster.seeds();
+    s
+}
+
+fn base_settings(es: &EsTarget) -> Settings {
     let mut s = Settings::defaults();
     // The defaults are embedded + file; these tests are about Redis and Elasticsearch.
     s.state.backend = embedjoin::config::StateBackend::Redis;
     s.sink.backend = embedjoin::config::SinkBackend::Elasticsearch;
     s.http.bind = "127.0.0.1:0".into();
     s.http.workers = 2;
-    s.redis.url = redis.url();
     s.elasticsearch.url = es.url.clone();
     s.elasticsearch.index = es.index.clone();
     // Stored, not HNSW-indexed, vectors: no test searches them, and a real engine spends

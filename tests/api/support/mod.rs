@@ -8,4 +8,5 @@ pub mod es_standin;
 pub mod load;
 pub mod process;
 pub mod proxy;
+pub mod redis_cluster;
 pub mod redis_server;

@@ -121,6 +121,28 @@ impl RedisServer {
     }
 }
 
+/// Where the default settings keep an item's keys (the tests' services use them).
+pub fn keys() -> embedjoin::state::redis::keys::Keys {
+    let redis = embedjoin::Settings::defaults().redis;
+    embedjoin::state::redis::keys::Keys::new(&redis.key_prefix, redis.buckets, redis.record_buckets)
+}
+
+/// The key of `id`'s item hash, under the default settings.
+pub fn item_key(id: &str) -> String {
+    let keys = keys();
+    keys.item(keys.bucket(id), id)
+}
+
+/// The name of a key without the default prefix and its bucket's hash tag: `i:x` (item x),
+/// `o:x` (its outbox entry), `outbox`, `partials`, `epoch`, `r:3` (records), `deadletter`.
+pub fn key_role(key: &str) -> &str {
+    let rest = key.strip_prefix("embedjoin:").unwrap_or(key);
+    match rest.strip_prefix('{').and_then(|r| r.find('}').map(|end| &r[end + 1..])) {
+        Some(role) => role,
+        None => rest,
+    }
+}
+
 impl Drop for RedisServer {
     fn drop(&mut self) {
         self.stop_child();

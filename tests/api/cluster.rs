@@ -1,0 +1,121 @@
+//! embedjoin on a real Redis Cluster (three masters, started by the harness on free ports):
+//! several instances share it, every script call stays in one slot, and a master killed
+//! mid-load, with a replica to take over, costs a few 503s and nothing acknowledged.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use serde_json::Value;
+
+use crate::durability::{fully_acknowledged, shuffled_batches, start_load, until};
+use crate::end_to_end::assert_indexed_exactly;
+use crate::support::app::{cluster_settings, spawn_app};
+use crate::support::data::{item, IMAGE, TEXT};
+use crate::support::es::EsTarget;
+use crate::support::load::post_all;
+use crate::support::redis_cluster::RedisCluster;
+use crate::support::redis_server::key_role;
+
+/// Keys on the node at `port`, by role (see [`key_role`]).
+async fn roles_on(port: u16) -> Vec<String> {
+    let client = redis::Client::open(format!("redis://127.0.0.1:{port}")).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let keys: Vec<String> = redis::cmd("KEYS").arg("embedjoin:*").query_async(&mut conn).await.unwrap();
+    keys.iter().map(|k| key_role(k).to_owned()).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parts_sent_to_two_instances_on_a_cluster_complete_exactly_once_spread_over_the_masters() {
+    let (cluster, es) = (RedisCluster::start(3, 0).await, EsTarget::start().await);
+    let a = spawn_app(cluster_settings(&cluster, &es)).await;
+    let b = spawn_app(cluster_settings(&cluster, &es)).await;
+    // Ids that name hash tags of their own must not move their keys out of their bucket.
+    let ids: Vec<String> =
+        (0..3_000).map(|i| if i % 10 == 0 { format!("{{c}}-{i}") } else { format!("c-{i}") }).collect();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(9);
+    let mut texts: Vec<Value> = ids.iter().map(|id| item(id, TEXT, 384)).collect();
+    let mut images: Vec<Value> = ids.iter().map(|id| item(id, IMAGE, 512)).collect();
+    texts.shuffle(&mut rng);
+    images.shuffle(&mut rng);
+    // Texts only to `a`, images only to `b`, at the same time.
+    let to_a: Vec<Vec<Value>> = texts.chunks(100).map(<[Value]>::to_vec).collect();
+    let to_b: Vec<Vec<Value>> = images.chunks(100).map(<[Value]>::to_vec).collect();
+    let (only_a, only_b) = ([&a], [&b]);
+    let (sent_a, sent_b) = tokio::join!(post_all(&only_a, to_a, 4), post_all(&only_b, to_b, 4));
+    assert_eq!(sent_a + sent_b, 6_000);
+
+    let writes = assert_indexed_exactly(&es, &ids).await;
+    assert_eq!(writes, ids.len() as u64, "each item indexed once");
+    a.stop().await.unwrap();
+    b.stop().await.unwrap();
+    // Nothing left but the records and markers; the records spread evenly over the masters.
+    let masters = cluster.masters().await;
+    assert_eq!(masters.len(), 3);
+    let mut records_per_master = Vec::new();
+    for port in masters {
+        let roles = roles_on(port).await;
+        let left: Vec<&String> = roles.iter().filter(|r| *r != "epoch" && !r.starts_with("r:")).collect();
+        assert!(left.is_empty(), "keys left on {port}: {left:?}");
+        let client = redis::Client::open(format!("redis://127.0.0.1:{port}")).unwrap();
+        let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+        let mut records = 0usize;
+        let record_hashes: Vec<String> =
+            redis::cmd("KEYS").arg("embedjoin:{*}r:*").query_async(&mut conn).await.unwrap();
+        for key in record_hashes {
+            records += redis::cmd("HLEN").arg(&key).query_async::<usize>(&mut conn).await.unwrap();
+        }
+        records_per_master.push(records);
+    }
+    assert_eq!(records_per_master.iter().sum::<usize>(), ids.len(), "one record per item");
+    for records in &records_per_master {
+        let share = *records as f64 / ids.len() as f64;
+        assert!((0.283..=0.383).contains(&share), "each master holds 33% ± 5% of the items: {records_per_master:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_master_killed_mid_load_loses_nothing_acknowledged_with_wait_replicas() {
+    let (mut cluster, es) = (RedisCluster::start(3, 1).await, EsTarget::start().await);
+    let mut settings = cluster_settings(&cluster, &es);
+    settings.durability.ack = embedjoin::config::AckMode::Persisted;
+    settings.redis.wait_replicas = 1;
+    settings.durability.ack_timeout = Duration::from_secs(2);
+    settings.durability.enqueue_timeout = Duration::from_millis(500);
+    settings.redis.response_timeout = Duration::from_millis(500);
+    settings.redis.connection_timeout = Duration::from_millis(300);
+    let app = spawn_app(settings).await;
+    let ids: Vec<String> = (0..3_000).map(|i| format!("f-{i}")).collect();
+    let batches = shuffled_batches(&ids, 50, 5);
+    let total = batches.len();
+    let load = start_load(batches, 4, Arc::new(Mutex::new(app.address.clone())), Duration::from_secs(90));
+    let (acked, tally) = (load.acked.clone(), load.tally.clone());
+    until(Duration::from_secs(60), "a third of the load acknowledged", || {
+        tally.lock().unwrap().acknowledged >= total / 3
+    })
+    .await;
+    let victim = cluster.masters().await[0];
+    let killed_at = std::time::Instant::now();
+    cluster.kill(victim);
+    cluster.wait_for_failover(victim).await;
+    let failover = killed_at.elapsed();
+    // Its replica is a master now, without a replica of its own: until the old master is
+    // back as one, flushes that write there cannot be confirmed by a replica, and fail (503).
+    cluster.restart(victim).await;
+    let rejoined = killed_at.elapsed();
+    load.task.await.unwrap();
+
+    let acked = acked.lock().unwrap().clone();
+    let complete = fully_acknowledged(&acked, &ids);
+    let tally = tally.lock().unwrap().clone();
+    assert_eq!(complete.len(), ids.len(), "every batch was acknowledged in the end: {tally:?}");
+    assert_indexed_exactly(&es, &complete).await;
+    eprintln!(
+        "master killed: failover in {failover:?}, replica back in {rejoined:?}, batches {total}, acknowledged {}, 503s seen {}, items indexed {}",
+        tally.acknowledged,
+        tally.unavailable,
+        es.count().await
+    );
+    app.stop().await.unwrap();
+}
