@@ -14,7 +14,8 @@
 //!   runs never see each other's partials; after the run its own keys are removed (dead
 //!   letters excepted), and nothing outside it is read or deleted. Its partial TTL is
 //!   capped at an hour; an interrupted run leaves keys only under its own prefix
-//!   (`redis-cli --scan --pattern 'embedjoin-bench-*'` lists them).
+//!   (`redis-cli --scan --pattern 'embedjoin-bench-*'` lists them, on each master of a
+//!   cluster).
 //! - A run whose indexed plus dead-lettered documents fall short of the items sent is
 //!   reported loudly, and the command then exits non-zero.
 
@@ -22,6 +23,7 @@ pub mod cpu;
 pub mod http;
 pub mod load;
 pub mod pace;
+pub mod redis_nodes;
 pub mod report;
 pub mod scrape;
 
@@ -91,10 +93,17 @@ pub struct BenchArgs {
     /// to its document indexed. Without it the senders go as fast as they are taken.
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..), conflicts_with = "sweep")]
     pub rate: Option<u32>,
-    /// State store URL (redis://host:port); overrides redis.url. With --http, the Redis the
-    /// server uses, read only for its CPU, commands and bytes.
+    /// State store URL (redis://host:port); overrides redis.url (and clears
+    /// redis.cluster_nodes). With --http, the Redis the server uses, read only for its CPU,
+    /// commands and bytes.
     #[arg(long, value_name = "URL")]
     pub redis: Option<String>,
+    /// A Redis Cluster as the state store: its seed URLs, comma-separated
+    /// (redis://host:port,redis://host:port,...); sets redis.cluster_nodes. Redis's figures
+    /// are then summed over the masters, and each master's share is shown. With --http, the
+    /// cluster the server uses, its masters read only for their CPU, commands and bytes.
+    #[arg(long, value_name = "SEEDS", value_delimiter = ',', conflicts_with = "redis")]
+    pub redis_cluster: Vec<String>,
     /// Where documents go: `null` (discarded, no I/O) or an Elasticsearch base URL;
     /// overrides the configured sink.
     #[arg(long, value_name = "null|file|URL", value_parser = SinkArg::parse, conflicts_with = "http")]
@@ -144,13 +153,15 @@ acknowledged, drain included); vector MB/s counts the f32 payload (4 bytes x dim
 JSON MB/s the request bodies (--http); Redis merges and bulk requests per indexed document; \
 last part -> indexed latency p50/p99/max (per document); with --rate, each part -> indexed \
 (per part, from when it was due); CPU per embedding of this process (of the server with \
---http --pid) and of Redis, Redis commands and bytes per embedding; peak RSS (VmHWM of this \
+--http --pid) and of Redis, Redis commands and bytes per embedding (with --redis-cluster, summed \
+over the masters, and per master its share of the commands and its CPU); peak RSS (VmHWM of this \
 process, in-process only).
 
 Examples:
   embedjoin bench --redis redis://127.0.0.1:6379 --sink null --order split
   embedjoin bench --redis redis://127.0.0.1:6379 --sink null --order split --rate 10000
   embedjoin bench --redis redis://127.0.0.1:6379 --sink null --sweep shards=1,2,4,8
+  embedjoin bench --redis-cluster redis://127.0.0.1:7001,redis://127.0.0.1:7002 --sink null --order split
   embedjoin bench --http http://127.0.0.1:8080 --entities 5000
   embedjoin bench --http http://127.0.0.1:8080 --pid SERVER_PID --redis redis://127.0.0.1:6379 --rate 5000";
 
@@ -345,6 +356,11 @@ pub fn apply_overrides(args: &BenchArgs, settings: &mut Settings) -> anyhow::Res
     if let Some(url) = &args.redis {
         settings.state.backend = StateBackend::Redis;
         settings.redis.url = url.clone();
+        settings.redis.cluster_nodes.clear();
+    }
+    if !args.redis_cluster.is_empty() {
+        settings.state.backend = StateBackend::Redis;
+        settings.redis.cluster_nodes = args.redis_cluster.iter().map(|s| s.trim().to_owned()).collect();
     }
     // A run never writes into the service's own files: embedded store and file sink go to
     // a scratch directory of the run.
@@ -545,8 +561,9 @@ async fn in_process(settings: &Settings, args: &BenchArgs, label: Option<String>
         summary.updated = Some(n);
         summary.updated_per_s = Some(n as f64 / wall.as_secs_f64().max(1e-9));
     }
-    let cost = CpuCost::between(Some((cpu_before, cpu_after)), (redis_before, redis_after), embeddings);
-    summary.cpu = Some(cost.with_records(records, (memory_before, redis_after)));
+    let cost =
+        CpuCost::between(Some((cpu_before, cpu_after)), (redis_before.as_ref(), redis_after.as_ref()), embeddings);
+    summary.cpu = Some(cost.with_records(records, (memory_before.as_ref(), redis_after.as_ref())));
     summary.paced = args.rate.map(|rate| {
         let (each_part, not_indexed) = match &index_log {
             Some(log) => {
@@ -635,7 +652,7 @@ async fn over_http(url: &str, settings: &Settings, args: &BenchArgs, label: Opti
     let progress = Progress::new(args, parts, label);
     // Redis is read only when named: the server's own config is not ours to guess.
     let read_redis = || async {
-        if args.redis.is_some() {
+        if args.redis.is_some() || !args.redis_cluster.is_empty() {
             cpu::redis_reading(settings).await
         } else {
             None
@@ -661,10 +678,10 @@ async fn over_http(url: &str, settings: &Settings, args: &BenchArgs, label: Opti
     // records are written off the shards' path): read once Redis has stopped moving.
     let mut redis_after = read_redis().await;
     let settle = Instant::now();
-    while let Some(last) = redis_after.filter(|_| settle.elapsed() < SETTLE) {
+    while let Some(last) = redis_after.as_ref().filter(|_| settle.elapsed() < SETTLE).map(|r| r.total.commands) {
         tokio::time::sleep(Duration::from_millis(200)).await;
         redis_after = read_redis().await;
-        if redis_after.is_none_or(|now| now.commands == last.commands) {
+        if redis_after.as_ref().is_none_or(|now| now.total.commands == last) {
             break;
         }
     }
@@ -687,7 +704,7 @@ async fn over_http(url: &str, settings: &Settings, args: &BenchArgs, label: Opti
         eprintln!("note: cannot read the CPU time of process {:?} from /proc", args.pid);
     }
     if redis_before.is_some() || server_cpu.is_some() {
-        summary.cpu = Some(CpuCost::between(server_cpu, (redis_before, redis_after), embeddings));
+        summary.cpu = Some(CpuCost::between(server_cpu, (redis_before.as_ref(), redis_after.as_ref()), embeddings));
     }
     if let (Some(rate), Some((before_last, sending, behind))) = (args.rate, run.paced) {
         summary.paced = Some(paced(rate, before_last, sending, behind, None, 0));
@@ -746,9 +763,11 @@ impl Progress {
     }
 }
 
-/// Removes what the run left under its own fresh key prefix (markers, and the orphan
-/// partials that late `--duplicates` copies start), so repeated runs do not pile up keys.
-/// Dead letters are kept, for inspection. Nothing outside the prefix is touched.
+/// Removes what the run left under its own fresh key prefix (markers, records, and the
+/// orphan partials that late `--duplicates` copies start), so repeated runs do not pile up
+/// keys: on the node, or on every master of the cluster (SCAN is per node, and there an
+/// UNLINK takes the keys of one slot). Dead letters are kept, for inspection. Nothing
+/// outside the prefix is touched.
 async fn clean_up(settings: &Settings) -> anyhow::Result<()> {
     if settings.state.backend != StateBackend::Redis {
         return Ok(());
@@ -756,27 +775,25 @@ async fn clean_up(settings: &Settings) -> anyhow::Result<()> {
     let prefix = &settings.redis.key_prefix;
     debug_assert!(prefix.starts_with("embedjoin-bench-"), "only a bench prefix");
     let dead_letters = format!("{prefix}{}", settings.redis.dead_letter_key);
-    let mut conn = redis::Client::open(settings.redis.url.as_str())?.get_multiplexed_async_connection().await?;
-    let mut cursor = 0u64;
-    loop {
-        let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
-            .arg(cursor)
-            .arg("MATCH")
-            .arg(format!("{prefix}*"))
-            .arg("COUNT")
-            .arg(1000)
-            .query_async(&mut conn)
-            .await?;
-        let doomed: Vec<&String> = keys.iter().filter(|k| **k != dead_letters).collect();
-        if !doomed.is_empty() {
-            redis::cmd("UNLINK").arg(&doomed).query_async::<()>(&mut conn).await?;
+    let pattern = format!("{}*", redis_nodes::glob_escape(prefix));
+    let cluster = redis_nodes::is_cluster(&settings.redis);
+    let mut kept = 0u64;
+    for mut node in redis_nodes::connect(&settings.redis).await? {
+        let keys = redis_nodes::scan(&mut node.conn, &pattern).await?;
+        let mut doomed: Vec<&str> = keys.iter().map(String::as_str).filter(|k| *k != dead_letters).collect();
+        doomed.sort_unstable();
+        doomed.dedup(); // SCAN may list a key twice
+        let mut pipe = redis::pipe();
+        for group in redis_nodes::by_slot(doomed, cluster) {
+            pipe.cmd("UNLINK").arg(group).ignore();
         }
-        if next == 0 {
-            break;
+        if !pipe.is_empty() {
+            pipe.query_async::<()>(&mut node.conn).await.with_context(|| format!("UNLINK on {}", node.address))?;
         }
-        cursor = next;
+        if keys.contains(&dead_letters) {
+            kept += redis::cmd("LLEN").arg(&dead_letters).query_async::<u64>(&mut node.conn).await.unwrap_or(0);
+        }
     }
-    let kept: u64 = redis::cmd("LLEN").arg(&dead_letters).query_async(&mut conn).await.unwrap_or(0);
     if kept > 0 {
         eprintln!("note: {kept} dead letters of this run are kept in the Redis list `{dead_letters}`.");
     }
@@ -846,6 +863,27 @@ mod tests {
         assert_eq!((a.rate, a.redis.as_deref()), (Some(500), Some("redis://127.0.0.1:6400")));
         assert_eq!(parse(&["--http", "http://x", "--pid", "42"]).unwrap().pid, Some(42));
         assert!(parse(&["--pid", "42"]).is_err(), "--pid is for --http");
+    }
+
+    #[test]
+    fn a_cluster_is_named_by_its_seeds_in_process_or_over_http() {
+        let seeds = "redis://127.0.0.1:7001,redis://127.0.0.1:7002, redis://127.0.0.1:7003";
+        let args = parse(&["--redis-cluster", seeds]).unwrap();
+        let mut s = Settings::defaults();
+        s.redis.cluster_nodes = vec!["redis://elsewhere:1".into()];
+        apply_overrides(&args, &mut s).unwrap();
+        assert_eq!(s.state.backend, StateBackend::Redis);
+        assert_eq!(
+            s.redis.cluster_nodes,
+            ["redis://127.0.0.1:7001", "redis://127.0.0.1:7002", "redis://127.0.0.1:7003"]
+        );
+        let a = parse(&["--http", "http://x", "--redis-cluster", seeds]).unwrap();
+        assert_eq!(a.redis_cluster.len(), 3);
+        assert!(parse(&["--redis", "redis://a:1", "--redis-cluster", seeds]).is_err(), "one or the other");
+        // --redis names one node, whatever the config says of a cluster.
+        let args = parse(&["--redis", "redis://127.0.0.1:6400"]).unwrap();
+        apply_overrides(&args, &mut s).unwrap();
+        assert!(s.redis.cluster_nodes.is_empty());
     }
 
     #[test]

@@ -361,6 +361,15 @@ impl Summary {
             if let (Some(commands), Some(bytes)) = (cpu.redis_commands_per_embedding, cpu.redis_bytes_per_embedding) {
                 row("Redis/embedding", format!("{commands:.2} commands, {} bytes in and out", grouped(bytes)));
             }
+            for (i, m) in cpu.redis_masters.iter().flatten().enumerate() {
+                row(
+                    if i == 0 { "Redis per master" } else { "" },
+                    format!(
+                        "{}: {:.1}% of the commands, CPU {:.1} µs/embedding",
+                        m.address, m.command_share_percent, m.redis_us_per_embedding
+                    ),
+                );
+            }
             if let (Some(records), Some(bytes)) = (cpu.redis_records, cpu.redis_bytes_per_record) {
                 row(
                     "Redis/record",
@@ -598,10 +607,48 @@ mod tests {
             redis_bytes_per_embedding: Some(4321.0),
             redis_records: None,
             redis_bytes_per_record: None,
+            redis_masters: None,
         });
         let t = s.table();
         assert!(t.contains("CPU/embedding         Redis 12.5 µs\n"), "{t}");
         assert!(t.contains("Redis/embedding       2.50 commands, 4,321 bytes in and out"), "{t}");
+        assert!(!t.contains("per master"), "{t}");
+    }
+
+    #[test]
+    fn a_cluster_run_shows_each_masters_share_in_the_table_and_the_json() {
+        let master = |address: &str, command_share_percent, redis_us_per_embedding| crate::bench::cpu::MasterCost {
+            address: address.into(),
+            command_share_percent,
+            redis_us_per_embedding,
+        };
+        let mut s = summary(1000);
+        s.cpu = Some(crate::bench::cpu::CpuCost {
+            service_us_per_embedding: Some(30.0),
+            redis_us_per_embedding: Some(36.0),
+            redis_commands_per_embedding: Some(10.5),
+            redis_bytes_per_embedding: Some(4321.0),
+            redis_records: None,
+            redis_bytes_per_record: None,
+            redis_masters: Some(vec![
+                master("127.0.0.1:7001", 33.41, 12.04),
+                master("127.0.0.1:7002", 33.3, 11.96),
+                master("127.0.0.1:7003", 33.29, 12.0),
+            ]),
+        });
+        let t = s.table();
+        for needle in [
+            "CPU/embedding         this process 30.0 µs; Redis 36.0 µs\n",
+            "Redis per master      127.0.0.1:7001: 33.4% of the commands, CPU 12.0 µs/embedding\n",
+            "                      127.0.0.1:7003: 33.3% of the commands, CPU 12.0 µs/embedding\n",
+        ] {
+            assert!(t.contains(needle), "missing {needle:?} in\n{t}");
+        }
+        let v: serde_json::Value = serde_json::from_str(&s.json_line()).unwrap();
+        let masters = &v["cpu"]["redis_masters"];
+        assert_eq!(masters[1]["address"], "127.0.0.1:7002");
+        assert_eq!(masters[1]["command_share_percent"], 33.3);
+        assert_eq!(masters[2]["redis_us_per_embedding"], 12.0);
     }
 
     #[test]

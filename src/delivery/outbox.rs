@@ -84,6 +84,7 @@ impl Maintenance {
         }
         self.metrics.outbox_in_flight.set(self.outbox.len() as i64);
         self.store.renew(&self.outbox.ids(), self.lease).await?;
+        self.store.take_share(self.interval).await?;
         loop {
             let claimed = self.store.claim_outbox(self.lease, ROUND_LIMIT).await?;
             let n = claimed.len();

@@ -389,6 +389,17 @@ impl StateStore {
         each!(self.sweep_orphans(older_than, limit, deliver_lease))
     }
 
+    /// Takes this instance's share of the maintenance (outbox resends, the orphan sweep)
+    /// for the next rounds, `round` apart: instances sharing a Redis split its buckets. A
+    /// store that never takes one visits every bucket. Returns the number of ranges held
+    /// (the embedded store has one owner: 1).
+    pub async fn take_share(&self, round: Duration) -> Result<usize, StateError> {
+        match self {
+            StateStore::Redis(s) => Ok(s.take_share(round).await?.len()),
+            StateStore::Embedded(_) => Ok(1),
+        }
+    }
+
     /// `true` when the store has lost everything it held since the last check.
     pub async fn check_epoch(&self) -> Result<bool, StateError> {
         each!(self.check_epoch())

@@ -675,3 +675,44 @@ async fn the_key_layout_before_buckets_is_migrated_at_connect() {
     let old_keys: Vec<String> = redis::cmd("KEYS").arg("embedjoin:[^{]*").query_async(&mut conn).await.unwrap();
     assert_eq!(old_keys, Vec::<String>::new(), "nothing of the old layout is left");
 }
+
+/// Two instances split the maintenance's buckets, each visiting its own; when one stops
+/// (it died), the other takes its buckets once their leases lapse.
+async fn maintenance_is_split_between_instances_and_handed_on(kind: Kind) {
+    let backend = Backend::start(kind).await;
+    let (a, b) = backend.two_stores().await;
+    let round = Duration::from_millis(200);
+    let (mut held_a, mut held_b) = (0, 0);
+    for _ in 0..4 {
+        held_a = a.take_share(round).await.unwrap();
+        held_b = b.take_share(round).await.unwrap();
+    }
+    assert_eq!((held_a, held_b), (8, 8), "two instances hold half the ranges each");
+    let ids: Vec<String> = (0..40).map(|i| format!("k-{i}")).collect();
+    for id in &ids {
+        assert_persisted(merge_leased(&a, one(id, TEXT, 0, None), Duration::ZERO).await);
+        completed(merge_leased(&a, one(id, IMAGE, 0, None), Duration::ZERO).await);
+    }
+    let by_a = found(a.claim_outbox(LEASE, 100).await.unwrap());
+    let by_b = found(b.claim_outbox(LEASE, 100).await.unwrap());
+    assert!(!by_a.is_empty() && !by_b.is_empty(), "each resends the entries of its buckets");
+    assert_eq!(by_a.len() + by_b.len(), ids.len(), "between them, every lapsed entry");
+    // `a` stops: `b` takes its ranges once their leases lapse (a few rounds).
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while b.take_share(round).await.unwrap() < 16 {
+        assert!(std::time::Instant::now() < deadline, "the ranges of a stopped instance are taken over");
+        tokio::time::sleep(round).await;
+    }
+    b.renew(&ids, Duration::ZERO).await.unwrap();
+    assert_eq!(found(b.claim_outbox(LEASE, 100).await.unwrap()).len(), ids.len(), "b visits every bucket now");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn maintenance_is_split_between_instances_and_handed_on_redis() {
+    maintenance_is_split_between_instances_and_handed_on(Kind::Redis).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn maintenance_is_split_between_instances_and_handed_on_cluster() {
+    maintenance_is_split_between_instances_and_handed_on(Kind::Cluster).await
+}

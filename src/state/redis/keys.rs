@@ -11,6 +11,8 @@
 //! - `{prefix}{<tag>}partials`: the bucket's incomplete ids by last update, in ms.
 //! - `{prefix}{<tag>}r:<k>`: records of completed items (see [`crate::state::records`]).
 //! - `{prefix}{<tag>}epoch`: a marker; if it disappears, the node serving it lost its data.
+//! - `{prefix}{<tag>}lease`: in the first bucket of a range, the instance whose maintenance
+//!   visits the range (see [`super::share`]).
 //!
 //! The hash tag comes before the id, so an id holding `{` or `}` cannot change the slot.
 //!
@@ -102,6 +104,12 @@ impl Keys {
 
     pub fn partial_index(&self, bucket: u32) -> String {
         self.key(bucket, format_args!("partials"))
+    }
+
+    /// The maintenance lease of the range of buckets that starts at `bucket` (see
+    /// [`super::share`]).
+    pub fn lease(&self, bucket: u32) -> String {
+        self.key(bucket, format_args!("lease"))
     }
 
     pub fn epoch(&self, bucket: u32) -> String {

@@ -21,6 +21,7 @@
 pub mod keys;
 mod migrate;
 pub mod nodes;
+mod share;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -30,6 +31,7 @@ use redis::{Script, Value};
 
 use self::keys::Keys;
 use self::nodes::{Call, Nodes};
+use self::share::Share;
 use super::records::Records;
 use super::{
     Completion, DeadLetter, LetterCap, LetterCursor, MergeOutcome, StateError, StoredEntry, StoredItem, StoredLetter,
@@ -61,6 +63,7 @@ struct Scripts {
     expire: Script,
     forget: Script,
     reopen: Script,
+    lease: Script,
 }
 
 /// Each script's source, and the script.
@@ -75,9 +78,11 @@ fn scripts() -> (Scripts, Vec<String>) {
         with_records(include_str!("../expire.lua")),
         include_str!("../forget.lua").to_owned(),
         include_str!("../reopen.lua").to_owned(),
+        include_str!("../lease.lua").to_owned(),
     ];
-    let [merge, remember, confirm, claim, park, expire, forget, reopen] = sources.clone().map(|s| Script::new(&s));
-    (Scripts { merge, remember, confirm, claim, park, expire, forget, reopen }, sources.to_vec())
+    let [merge, remember, confirm, claim, park, expire, forget, reopen, lease] =
+        sources.clone().map(|s| Script::new(&s));
+    (Scripts { merge, remember, confirm, claim, park, expire, forget, reopen, lease }, sources.to_vec())
 }
 
 /// A handle on the Redis backend; cheap to clone (one multiplexed, reconnecting connection
@@ -99,10 +104,13 @@ pub struct RedisStore {
     /// The epoch marker read last, per bucket checked (one per master).
     epoch: Arc<std::sync::Mutex<HashMap<u32, String>>>,
     dead_letter_key: String,
+    prefix: String,
+    /// The buckets this handle's maintenance visits.
+    share: Share,
     pub(super) letter_cap: LetterCap,
 }
 
-fn now_ms() -> u64 {
+pub(crate) fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
@@ -133,6 +141,7 @@ impl RedisStore {
         let (scripts, sources) = scripts();
         let nodes = Nodes::connect(settings, sources).await?;
         let keys = Arc::new(Keys::new(&settings.key_prefix, settings.buckets, settings.record_buckets));
+        let instance = rand::random();
         let store = RedisStore {
             nodes,
             scripts: Arc::new(scripts),
@@ -141,7 +150,9 @@ impl RedisStore {
             backstop_ttl_ms: ms(settings.partial_ttl) * 2,
             records: Arc::new(Records::new(keys, state.remember_completed, sweep_round, schema)),
             late_updates: state.late_parts == LatePartsAction::Update,
-            instance: rand::random(),
+            instance,
+            share: Share::new(instance),
+            prefix: settings.key_prefix.clone(),
             epoch: Arc::new(std::sync::Mutex::new(HashMap::new())),
             dead_letter_key: format!("{}{}", settings.key_prefix, settings.dead_letter_key),
             // Set by `StateStore::connect` from durability.dead_letter_max.
@@ -362,23 +373,31 @@ impl RedisStore {
         self.run(&calls, false).await
     }
 
-    /// Up to `limit` members, over every bucket's index (`index(bucket)`), with a score (ms)
-    /// at most `deadline`: `(bucket, id)`.
+    /// Takes this instance's share of the maintenance for the next rounds, `round` apart
+    /// (see [`share`]); returns the ranges of buckets it holds.
+    pub async fn take_share(&self, round: Duration) -> Result<Vec<u32>, StateError> {
+        self.share.round(&self.nodes, &self.keys, &self.prefix, &self.scripts.lease, round).await
+    }
+
+    /// Up to `limit` members, over the index (`index(bucket)`) of every bucket of this
+    /// instance's share, with a score (ms) at most `deadline`: `(bucket, id)`.
     async fn due(
         &self,
         index: impl Fn(u32) -> String,
         deadline: u64,
         limit: usize,
     ) -> Result<Vec<(u32, String)>, StateError> {
-        let calls: Vec<Call> = (0..self.keys.buckets())
-            .map(|b| {
+        let buckets = self.share.buckets(&self.keys);
+        let calls: Vec<Call> = buckets
+            .iter()
+            .map(|&b| {
                 let mut cmd = redis::cmd("ZRANGE");
                 cmd.arg(index(b)).arg("-inf").arg(deadline).arg("BYSCORE").arg("LIMIT").arg(0).arg(limit);
                 Call { slot: self.keys.slot(b), cmd }
             })
             .collect();
         let mut due = Vec::new();
-        for (b, reply) in (0..self.keys.buckets()).zip(self.nodes.exec(&calls, false).await?) {
+        for (b, reply) in buckets.into_iter().zip(self.nodes.exec(&calls, false).await?) {
             let ids: Vec<String> =
                 redis::from_redis_value(reply).map_err(|e| StateError::Protocol(format!("ZRANGE: {e}")))?;
             due.extend(ids.into_iter().map(|id| (b, id)));
