@@ -39,6 +39,9 @@ pub struct Maintenance {
     cancel: CancellationToken,
 }
 
+/// How long shutdown waits to hand this instance's buckets on.
+const RELEASE_WITHIN: Duration = Duration::from_secs(1);
+
 impl Maintenance {
     pub fn spawn(
         settings: &Settings,
@@ -68,12 +71,21 @@ impl Maintenance {
         loop {
             tokio::select! {
                 biased;
-                _ = self.cancel.cancelled() => return,
+                _ = self.cancel.cancelled() => break,
                 _ = ticker.tick() => {}
             }
             if let Err(e) = self.round().await {
                 tracing::warn!(error = %e, "State store maintenance failed; it runs again next interval.");
             }
+        }
+        // The other instances take this one's buckets at once, rather than when its
+        // leases lapse.
+        let released = tokio::time::timeout(RELEASE_WITHIN, self.store.release_share()).await;
+        if let Err(e) = released
+            .map_err(|_| format!("no answer within {RELEASE_WITHIN:?}"))
+            .and_then(|r| r.map_err(|e| e.to_string()))
+        {
+            tracing::warn!(error = %e, "Could not release this instance's share of the maintenance; it lapses by itself.");
         }
     }
 

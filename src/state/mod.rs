@@ -400,6 +400,15 @@ impl StateStore {
         }
     }
 
+    /// Gives up this instance's share of the maintenance (at shutdown), for the others
+    /// to take at once.
+    pub async fn release_share(&self) -> Result<(), StateError> {
+        match self {
+            StateStore::Redis(s) => s.release_share().await,
+            StateStore::Embedded(_) => Ok(()),
+        }
+    }
+
     /// `true` when the store has lost everything it held since the last check.
     pub async fn check_epoch(&self) -> Result<bool, StateError> {
         each!(self.check_epoch())

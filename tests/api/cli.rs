@@ -38,7 +38,7 @@ fn a_missing_config_file_is_an_error() {
 }
 
 /// Runs the binary; returns its exit code, stdout and stderr.
-fn run_full(args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
+pub(crate) fn run_full(args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
     let output = Command::new(env!("CARGO_BIN_EXE_embedjoin"))
         .args(args)
         .envs(env.iter().copied())

@@ -119,3 +119,88 @@ async fn a_master_killed_mid_load_loses_nothing_acknowledged_with_wait_replicas(
     );
     app.stop().await.unwrap();
 }
+
+/// A measurement, not a check: what a failover loses without `wait_replicas`, in each ack
+/// mode. Run it with
+/// `cargo test --test api -- --ignored cluster::what_a_failover_loses --nocapture`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore]
+async fn what_a_failover_loses_without_wait_replicas() {
+    for ack in [embedjoin::config::AckMode::Accepted, embedjoin::config::AckMode::Persisted] {
+        let (mut cluster, es) = (RedisCluster::start(3, 1).await, EsTarget::start().await);
+        let mut settings = cluster_settings(&cluster, &es);
+        settings.durability.ack = ack;
+        settings.redis.response_timeout = Duration::from_millis(500);
+        settings.redis.connection_timeout = Duration::from_millis(300);
+        let app = spawn_app(settings).await;
+        let ids: Vec<String> = (0..20_000).map(|i| format!("l-{i}")).collect();
+        let batches = shuffled_batches(&ids, 50, 6);
+        let total = batches.len();
+        let load = start_load(batches, 4, Arc::new(Mutex::new(app.address.clone())), Duration::from_secs(90));
+        let (acked, tally) = (load.acked.clone(), load.tally.clone());
+        until(Duration::from_secs(120), "half the load acknowledged", || {
+            tally.lock().unwrap().acknowledged >= total / 2
+        })
+        .await;
+        let victim = cluster.masters().await[0];
+        cluster.kill(victim);
+        cluster.wait_for_failover(victim).await;
+        cluster.restart(victim).await;
+        load.task.await.unwrap();
+        let acked = acked.lock().unwrap().clone();
+        let complete = fully_acknowledged(&acked, &ids);
+        // Indexed until the count stops moving for 5 s.
+        let (mut count, mut still) = (es.count().await, std::time::Instant::now());
+        while still.elapsed() < Duration::from_secs(5) {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            let now = es.count().await;
+            if now != count {
+                (count, still) = (now, std::time::Instant::now());
+            }
+        }
+        let docs = es.docs(&complete).await;
+        let lost = complete.iter().filter(|id| !docs.contains_key(*id)).count();
+        eprintln!(
+            "ack {ack:?}, wait_replicas 0: {} items fully acknowledged, {lost} of them not indexed after the failover; {} 503s",
+            complete.len(),
+            tally.lock().unwrap().unavailable
+        );
+        app.stop().await.unwrap();
+    }
+}
+
+/// `embedjoin check` in cluster mode, seeds from the environment, with credentials: it
+/// reports the masters and the slot coverage, and never prints the password.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_reports_the_cluster_and_its_slot_coverage_without_printing_secrets() {
+    let (cluster, es) = (RedisCluster::start(3, 0).await, EsTarget::start().await);
+    let password = "cluster-s3cret-pw";
+    for port in cluster.masters().await {
+        let client = redis::Client::open(format!("redis://127.0.0.1:{port}")).unwrap();
+        let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+        let () = redis::cmd("CONFIG").arg("SET").arg("requirepass").arg(password).query_async(&mut conn).await.unwrap();
+    }
+    let seeds: Vec<String> =
+        cluster.seeds().iter().map(|s| s.replace("redis://", &format!("redis://:{password}@"))).collect();
+    let mut env: Vec<(&str, String)> = vec![
+        ("EMBEDJOIN__STATE__BACKEND", "redis".into()),
+        ("EMBEDJOIN__SINK__BACKEND", "elasticsearch".into()),
+        ("EMBEDJOIN__REDIS__CLUSTER_NODES", seeds.join(",")),
+        ("EMBEDJOIN__ELASTICSEARCH__URL", es.url.clone()),
+    ];
+    if !es.painless {
+        env.push(("EMBEDJOIN__STATE__LATE_PARTS", "new_item".into()));
+    }
+    let (code, stdout, stderr) = tokio::task::spawn_blocking(move || {
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        crate::cli::run_full(&["check"], &env)
+    })
+    .await
+    .unwrap();
+    let all = format!("{stdout}\n{stderr}");
+    assert_eq!(code, 0, "{all}");
+    assert!(!all.contains(password), "the password printed:\n{all}");
+    assert!(stderr.contains("a Redis Cluster of 3 masters"), "{stderr}");
+    assert!(stderr.contains("serving all 16384 slots, 1024 buckets"), "{stderr}");
+    assert!(stdout.contains("cluster_nodes = [\"redis://:***@127.0.0.1:"), "{stdout}");
+}

@@ -52,15 +52,16 @@ pub async fn complete_items_left_in_redis(redis: &RedisServer) -> usize {
 }
 
 /// Keys left in Redis, by role ([`key_role`]: `i:x`, `partials`, ...), but the epoch
-/// markers (which stay for the life of the data) and completed items' records (the stamps
-/// of their parts: no vector, no metadata).
+/// markers (which stay for the life of the data), completed items' records (the stamps of
+/// their parts: no vector, no metadata), and a running instance's maintenance leases and
+/// announcement (released when it stops).
 pub async fn redis_keys(redis: &RedisServer) -> Vec<String> {
     let mut conn = redis.connection().await;
     let keys: Vec<String> = redis::cmd("KEYS").arg("*").query_async(&mut conn).await.unwrap();
     let mut left: Vec<String> = keys
         .iter()
         .map(|k| key_role(k))
-        .filter(|role| *role != "epoch" && !role.starts_with("r:"))
+        .filter(|role| !["epoch", "lease", "instances"].contains(role) && !role.starts_with("r:"))
         .map(str::to_owned)
         .collect();
     left.sort();

@@ -379,6 +379,11 @@ impl RedisStore {
         self.share.round(&self.nodes, &self.keys, &self.prefix, &self.scripts.lease, round).await
     }
 
+    /// Gives up this instance's share of the maintenance.
+    pub async fn release_share(&self) -> Result<(), StateError> {
+        self.share.release(&self.nodes, &self.keys, &self.prefix, &self.scripts.lease).await
+    }
+
     /// Up to `limit` members, over the index (`index(bucket)`) of every bucket of this
     /// instance's share, with a score (ms) at most `deadline`: `(bucket, id)`.
     async fn due(

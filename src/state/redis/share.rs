@@ -117,6 +117,30 @@ impl Share {
     }
 }
 
+impl Share {
+    /// Releases the ranges held and withdraws this instance's announcement.
+    pub async fn release(&self, nodes: &Nodes, keys: &Keys, prefix: &str, script: &Script) -> Result<(), StateError> {
+        let held = self.held.write().unwrap_or_else(|e| e.into_inner()).take().unwrap_or_default();
+        let ranges = ranges(keys);
+        let calls: Vec<Call> = held
+            .iter()
+            .map(|&r| {
+                let bucket = first_bucket(r, keys, ranges);
+                let mut cmd = redis::cmd("EVALSHA");
+                cmd.arg(script.get_hash()).arg(1).arg(keys.lease(bucket)).arg(&self.instance).arg(1).arg("release");
+                Call { slot: keys.slot(bucket), cmd }
+            })
+            .collect();
+        nodes.exec(&calls, false).await?;
+        redis::cmd("ZREM")
+            .arg(format!("{prefix}instances"))
+            .arg(&self.instance)
+            .query_async::<()>(&mut nodes.conn())
+            .await?;
+        Ok(())
+    }
+}
+
 fn ranges(keys: &Keys) -> u32 {
     RANGES.min(keys.buckets())
 }
