@@ -104,6 +104,17 @@ async fn check_state(settings: &Settings, timeout: Duration) -> Result<String, S
         Ok::<_, StateError>(store)
     })
     .await;
+    if let Ok(Ok(StateStore::Redis(store))) = &opened {
+        let wanted = settings.redis.wait_replicas;
+        let replicas = store.nodes().replicas().await.map_err(|e| state_problem(settings, &e))?;
+        if let Some((master, n)) = replicas.iter().find(|(_, n)| *n < wanted) {
+            return Err(format!(
+                "redis.wait_replicas is {wanted} but the master {master} has {n} replicas: none of \
+                 its flushes could be confirmed (they would fail, and requests answer 503). Add \
+                 replicas or lower redis.wait_replicas."
+            ));
+        }
+    }
     match opened {
         Ok(Ok(StateStore::Redis(store))) if store.nodes().is_cluster() => {
             let topology = store.nodes().topology();

@@ -49,6 +49,9 @@ pub enum StateError {
     Redis(#[from] ::redis::RedisError),
     #[error("unexpected reply from the store: {0}")]
     Protocol(String),
+    /// One master failed the calls sent to it (the others may have succeeded).
+    #[error("redis master {node}: {error}")]
+    Node { node: String, error: String },
     /// `redis.wait_replicas` replicas did not confirm a durable write in time.
     #[error(
         "redis: {acked} of the {wanted} replicas required (redis.wait_replicas) confirmed the write within {timeout:?}"

@@ -136,6 +136,28 @@ async fn check_says_when_redis_refuses_the_credentials() {
     assert!(!format!("{stdout}{stderr}").contains("wrong-pw"), "{stdout}\n{stderr}");
 }
 
+#[tokio::test]
+async fn check_says_when_redis_has_fewer_replicas_than_wait_replicas() {
+    use super::support::redis_server::RedisServer;
+
+    let redis = RedisServer::start().await;
+    let url = redis.url();
+    let (code, stdout, stderr) = tokio::task::spawn_blocking(move || {
+        let env = [
+            ("EMBEDJOIN__STATE__BACKEND", "redis"),
+            ("EMBEDJOIN__REDIS__URL", url.as_str()),
+            ("EMBEDJOIN__REDIS__WAIT_REPLICAS", "1"),
+            ("EMBEDJOIN__SINK__BACKEND", "null"),
+        ];
+        run_full(&["check"], &env)
+    })
+    .await
+    .unwrap();
+    assert_eq!(code, 1, "{stdout}\n{stderr}");
+    assert!(stderr.contains("redis.wait_replicas is 1 but the master"), "{stderr}");
+    assert!(stderr.contains("has 0 replicas"), "{stderr}");
+}
+
 #[test]
 fn check_passes_with_the_serverless_defaults() {
     let dir = tempfile::tempdir().unwrap();

@@ -204,3 +204,30 @@ async fn check_reports_the_cluster_and_its_slot_coverage_without_printing_secret
     assert!(stderr.contains("serving all 16384 slots, 1024 buckets"), "{stderr}");
     assert!(stdout.contains("cluster_nodes = [\"redis://:***@127.0.0.1:"), "{stdout}");
 }
+
+/// A master that loses its data (restarted without persistence, or flushed) is noticed
+/// by the epoch marker of its own buckets: one reset, counted and logged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_master_that_lost_its_data_is_noticed() {
+    let (cluster, es) = (RedisCluster::start(3, 0).await, EsTarget::start().await);
+    let mut settings = cluster_settings(&cluster, &es);
+    settings.durability.maintenance_interval = Duration::from_millis(100);
+    settings.durability.outbox_resend_after = Duration::from_millis(200);
+    let app = spawn_app(settings).await;
+    let resets = || async {
+        let text = app.http.get(format!("{}/metrics", app.address)).send().await.unwrap().text().await.unwrap();
+        crate::durability::metric(&text, "embedjoin_state_resets_total")
+    };
+    assert_eq!(resets().await, 0.0);
+    let victim = cluster.masters().await[1];
+    let client = redis::Client::open(format!("redis://127.0.0.1:{victim}")).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let () = redis::cmd("FLUSHALL").query_async(&mut conn).await.unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while resets().await < 1.0 {
+        assert!(std::time::Instant::now() < deadline, "the lost data was never noticed");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(resets().await, 1.0, "one master lost its data once");
+    app.stop().await.unwrap();
+}

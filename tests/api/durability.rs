@@ -335,7 +335,7 @@ async fn overload_answers_503_keeps_memory_capped_and_loses_nothing_acknowledged
 }
 
 /// A value from a Prometheus text exposition.
-fn metric(text: &str, name: &str) -> f64 {
+pub(crate) fn metric(text: &str, name: &str) -> f64 {
     text.lines()
         .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
         .and_then(|l| l.split_whitespace().nth(1))

@@ -158,6 +158,18 @@ impl RedisStore {
             // Set by `StateStore::connect` from durability.dead_letter_max.
             letter_cap: LetterCap { max: usize::MAX, dropped: Default::default() },
         };
+        if settings.wait_replicas > 0 {
+            for (master, replicas) in store.nodes.replicas().await? {
+                if replicas < settings.wait_replicas {
+                    tracing::error!(
+                        master,
+                        replicas,
+                        wait_replicas = settings.wait_replicas,
+                        "A Redis master has fewer replicas than redis.wait_replicas: flushes that write there fail until it has enough."
+                    );
+                }
+            }
+        }
         migrate::old_layout(&store, &settings.key_prefix).await?;
         store.check_epoch().await?;
         Ok(store)
@@ -188,7 +200,8 @@ impl RedisStore {
     /// changed: that master restarted without its data (or was flushed), and every partial
     /// and outbox entry it held is lost. A replica promoted by a failover has the markers.
     pub async fn check_epoch(&self) -> Result<bool, StateError> {
-        let topology = self.nodes.topology();
+        // Once a round: which master serves which slot (a failover or resharding since).
+        let topology = self.nodes.refresh().await?;
         let mut checked: Vec<u32> = Vec::new();
         let mut masters_seen = vec![false; topology.masters.len()];
         for bucket in 0..self.keys.buckets() {
@@ -245,20 +258,25 @@ impl RedisStore {
         }
         let lease_until = now_ms() + ms(lease);
         let calls: Vec<Call> = batch.iter().map(|(id, partial)| self.merge_call(id, partial, lease_until)).collect();
-        let replies = self.nodes.exec(&calls, true).await?;
+        let replies = self.nodes.exec_each(&calls, true).await;
+        if let Some(Err(_)) = replies.first().filter(|_| replies.iter().all(Result::is_err)) {
+            // Nothing went through: the store is down, not some items.
+            return Err(replies.into_iter().find_map(Result::err).expect("an error"));
+        }
         Ok(batch
             .iter()
             .zip(replies)
             .map(|((id, partial), reply)| match reply {
-                Value::Int(_) => MergeOutcome::Persisted,
-                Value::Array(fields) => {
+                Err(e) => MergeOutcome::Failed(e),
+                Ok(Value::Int(_)) => MergeOutcome::Persisted,
+                Ok(Value::Array(fields)) => {
                     match self.entry(id, fields).with_own(partial).into_document(&self.schema, id) {
                         Ok(doc) => MergeOutcome::Completed(doc),
                         Err(e) => MergeOutcome::Failed(e),
                     }
                 }
-                Value::ServerError(e) => MergeOutcome::Failed(StateError::Redis(e.into())),
-                other => MergeOutcome::Failed(StateError::Protocol(format!("merge of {id} returned {other:?}"))),
+                Ok(Value::ServerError(e)) => MergeOutcome::Failed(StateError::Redis(e.into())),
+                Ok(other) => MergeOutcome::Failed(StateError::Protocol(format!("merge of {id} returned {other:?}"))),
             })
             .collect())
     }

@@ -82,11 +82,18 @@ pub struct Topology {
     pub masters: Vec<String>,
     /// Per slot, the index of its master in `masters`, or `None` while no master serves it.
     pub owner: Vec<Option<u16>>,
+    /// Per master, its replicas (as the slot map lists them; `None` for a single node,
+    /// whose replicas [`Nodes::replicas`] asks for).
+    pub replicas: Vec<Option<usize>>,
 }
 
 impl Topology {
-    fn single() -> Topology {
-        Topology { masters: vec!["the configured node".into()], owner: vec![Some(0); SLOTS as usize] }
+    fn single(url: &str) -> Topology {
+        Topology {
+            masters: vec![crate::secret::redact_url(url)],
+            owner: vec![Some(0); SLOTS as usize],
+            replicas: vec![None],
+        }
     }
 
     /// Slots no master serves.
@@ -97,7 +104,7 @@ impl Topology {
     fn parse(reply: Value) -> Result<Topology, StateError> {
         let bad = || StateError::Protocol(format!("unexpected CLUSTER SLOTS reply: {reply:?}"));
         let Value::Array(ranges) = &reply else { return Err(bad()) };
-        let mut topology = Topology { masters: Vec::new(), owner: vec![None; SLOTS as usize] };
+        let mut topology = Topology { masters: Vec::new(), owner: vec![None; SLOTS as usize], replicas: Vec::new() };
         for range in ranges {
             let Value::Array(fields) = range else { return Err(bad()) };
             let (Some(Value::Int(start)), Some(Value::Int(end)), Some(Value::Array(master))) =
@@ -116,6 +123,7 @@ impl Topology {
                 Some(i) => i,
                 None => {
                     topology.masters.push(address);
+                    topology.replicas.push(Some(fields.len().saturating_sub(3)));
                     topology.masters.len() - 1
                 }
             };
@@ -160,7 +168,7 @@ impl Nodes {
         let wait = (settings.wait_replicas > 0).then_some((settings.wait_replicas, settings.wait_timeout));
         let nodes = Nodes {
             conn,
-            topology: Arc::new(RwLock::new(Arc::new(Topology::single()))),
+            topology: Arc::new(RwLock::new(Arc::new(Topology::single(&settings.url)))),
             scripts: Arc::new(scripts),
             wait,
         };
@@ -182,6 +190,26 @@ impl Nodes {
     /// The masters and which slots each serves, as last read.
     pub fn topology(&self) -> Arc<Topology> {
         self.topology.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// The replicas of each master: `(master, replicas)`.
+    pub async fn replicas(&self) -> Result<Vec<(String, usize)>, StateError> {
+        let topology = self.topology();
+        let mut out = Vec::new();
+        for (master, replicas) in topology.masters.iter().zip(&topology.replicas) {
+            let n = match replicas {
+                Some(n) => *n,
+                None => {
+                    let info: String = redis::cmd("INFO").arg("replication").query_async(&mut self.conn()).await?;
+                    info.lines()
+                        .find_map(|l| l.strip_prefix("connected_slaves:"))
+                        .and_then(|n| n.trim().parse().ok())
+                        .unwrap_or(0)
+                }
+            };
+            out.push((master.clone(), n));
+        }
+        Ok(out)
     }
 
     /// Reads the cluster's slot map again (nothing to read for a single node).
@@ -219,44 +247,61 @@ impl Nodes {
     /// Runs `calls` (see the module's doc); `durable` writes wait for the configured
     /// replicas. One reply per call, in order; a server error is that call's reply.
     pub async fn exec(&self, calls: &[Call], durable: bool) -> Result<Vec<Value>, StateError> {
-        if calls.is_empty() {
-            return Ok(Vec::new());
-        }
+        self.exec_each(calls, durable).await.into_iter().collect()
+    }
+
+    /// As [`Nodes::exec`], but a master that fails (down, mid-failover, replicas that do
+    /// not confirm) fails only the calls sent to it: the others have their replies.
+    pub async fn exec_each(&self, calls: &[Call], durable: bool) -> Vec<Result<Value, StateError>> {
         let topology = self.topology();
-        let mut groups: Vec<(u16, Vec<usize>)> = Vec::new();
+        let mut groups: Vec<(u16, usize, Vec<usize>)> = Vec::new();
         let mut group_of_master: Vec<Option<usize>> = vec![None; topology.masters.len() + 1];
         for (i, call) in calls.iter().enumerate() {
-            // A slot no master serves (mid-failover) rides with the first group.
+            // Slots no master serves (mid-failover) form a group of their own, routed by the
+            // client's slot map.
             let master = topology.owner[call.slot as usize].map_or(topology.masters.len(), usize::from);
             match group_of_master[master] {
-                Some(g) => groups[g].1.push(i),
+                Some(g) => groups[g].2.push(i),
                 None => {
                     group_of_master[master] = Some(groups.len());
-                    groups.push((call.slot, vec![i]));
+                    groups.push((call.slot, master, vec![i]));
                 }
             }
         }
-        let sent = join_all(groups.iter().map(|(slot, members)| self.pipeline(*slot, members, calls, durable))).await;
-        let mut replies: Vec<Value> = vec![Value::Nil; calls.len()];
+        let sent =
+            join_all(groups.iter().map(|(slot, _, members)| self.pipeline(*slot, members, calls, durable))).await;
+        let mut replies: Vec<Result<Value, StateError>> = (0..calls.len()).map(|_| Ok(Value::Nil)).collect();
         let mut again = Vec::new();
-        for ((_, members), result) in groups.iter().zip(sent) {
-            for (&i, reply) in members.iter().zip(result?) {
-                if retry_alone(&reply).is_some() {
-                    again.push(i);
+        for ((_, master, members), result) in groups.iter().zip(sent) {
+            match result {
+                Ok(values) => {
+                    for (&i, reply) in members.iter().zip(values) {
+                        if retry_alone(&reply).is_some() {
+                            again.push(i);
+                        }
+                        replies[i] = Ok(reply);
+                    }
                 }
-                replies[i] = reply;
+                Err(e) => {
+                    let node = topology.masters.get(*master).map_or("slots without a master", String::as_str);
+                    let error = e.to_string();
+                    for &i in members {
+                        replies[i] = Err(StateError::Node { node: node.to_owned(), error: error.clone() });
+                    }
+                }
             }
         }
         if !again.is_empty() {
-            let refreshed = self.refresh();
-            let alone = join_all(again.iter().map(|&i| self.alone(&calls[i], durable)));
-            let (refreshed, alone) = tokio::join!(refreshed, alone);
-            refreshed?;
+            let (refreshed, alone) =
+                tokio::join!(self.refresh(), join_all(again.iter().map(|&i| self.alone(&calls[i], durable))));
+            if let Err(e) = refreshed {
+                tracing::debug!(error = %e, "Could not read the cluster's slot map again.");
+            }
             for (i, reply) in again.into_iter().zip(alone) {
-                replies[i] = reply?;
+                replies[i] = reply;
             }
         }
-        Ok(replies)
+        replies
     }
 
     /// One group's pipeline, sent to the master of `slot`.
