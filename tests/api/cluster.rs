@@ -5,16 +5,11 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use rand::seq::SliceRandom;
-use rand::SeedableRng;
-use serde_json::Value;
-
-use crate::durability::{fully_acknowledged, shuffled_batches, start_load, until};
+use crate::durability::{fully_acknowledged, persisted_and_quick_to_notice, shuffled_batches, start_load, until, Load};
 use crate::end_to_end::assert_indexed_exactly;
-use crate::support::app::{cluster_settings, spawn_app};
-use crate::support::data::{item, IMAGE, TEXT};
+use crate::instances::texts_to_one_images_to_the_other;
+use crate::support::app::{cluster_settings, spawn_app, TestApp};
 use crate::support::es::EsTarget;
-use crate::support::load::post_all;
 use crate::support::redis_cluster::RedisCluster;
 use crate::support::redis_server::key_role;
 
@@ -34,17 +29,7 @@ async fn parts_sent_to_two_instances_on_a_cluster_complete_exactly_once_spread_o
     // Ids that name hash tags of their own must not move their keys out of their bucket.
     let ids: Vec<String> =
         (0..3_000).map(|i| if i % 10 == 0 { format!("{{c}}-{i}") } else { format!("c-{i}") }).collect();
-    let mut rng = rand::rngs::StdRng::seed_from_u64(9);
-    let mut texts: Vec<Value> = ids.iter().map(|id| item(id, TEXT, 384)).collect();
-    let mut images: Vec<Value> = ids.iter().map(|id| item(id, IMAGE, 512)).collect();
-    texts.shuffle(&mut rng);
-    images.shuffle(&mut rng);
-    // Texts only to `a`, images only to `b`, at the same time.
-    let to_a: Vec<Vec<Value>> = texts.chunks(100).map(<[Value]>::to_vec).collect();
-    let to_b: Vec<Vec<Value>> = images.chunks(100).map(<[Value]>::to_vec).collect();
-    let (only_a, only_b) = ([&a], [&b]);
-    let (sent_a, sent_b) = tokio::join!(post_all(&only_a, to_a, 4), post_all(&only_b, to_b, 4));
-    assert_eq!(sent_a + sent_b, 6_000);
+    texts_to_one_images_to_the_other(&a, &b, &ids, 9).await;
 
     let writes = assert_indexed_exactly(&es, &ids).await;
     assert_eq!(writes, ids.len() as u64, "each item indexed once");
@@ -75,46 +60,74 @@ async fn parts_sent_to_two_instances_on_a_cluster_complete_exactly_once_spread_o
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_master_killed_mid_load_loses_nothing_acknowledged_with_wait_replicas() {
-    let (mut cluster, es) = (RedisCluster::start(3, 1).await, EsTarget::start().await);
-    let mut settings = cluster_settings(&cluster, &es);
-    settings.durability.ack = embedjoin::config::AckMode::Persisted;
-    settings.redis.wait_replicas = 1;
-    settings.durability.ack_timeout = Duration::from_secs(2);
-    settings.durability.enqueue_timeout = Duration::from_millis(500);
-    settings.redis.response_timeout = Duration::from_millis(500);
-    settings.redis.connection_timeout = Duration::from_millis(300);
-    let app = spawn_app(settings).await;
-    let ids: Vec<String> = (0..3_000).map(|i| format!("f-{i}")).collect();
-    let batches = shuffled_batches(&ids, 50, 5);
+/// What a load saw when a master was killed under it.
+struct Failover {
+    /// Ids whose every part was acknowledged.
+    complete: Vec<String>,
+    batches: usize,
+    acknowledged: usize,
+    unavailable: usize,
+    /// From the kill until a replica served the master's slots, and until the killed node
+    /// was back (as a replica).
+    promoted: Duration,
+    rejoined: Duration,
+}
+
+/// Sends every part of `ids` to `app` (each batch until acknowledged), kills a master once
+/// `fraction` of the batches were acknowledged, waits for its replica to take over, and
+/// restarts it, as an operator would, as a replica (until then, the promoted master has
+/// no replica: with `wait_replicas`, flushes that write there fail).
+async fn kill_a_master_under_load(
+    cluster: &mut RedisCluster,
+    app: &TestApp,
+    ids: &[String],
+    fraction: f64,
+) -> Failover {
+    let batches = shuffled_batches(ids, 50, 5);
     let total = batches.len();
-    let load = start_load(batches, 4, Arc::new(Mutex::new(app.address.clone())), Duration::from_secs(90));
-    let (acked, tally) = (load.acked.clone(), load.tally.clone());
-    until(Duration::from_secs(60), "a third of the load acknowledged", || {
-        tally.lock().unwrap().acknowledged >= total / 3
-    })
-    .await;
+    let Load { task, acked, tally } =
+        start_load(batches, 4, Arc::new(Mutex::new(app.address.clone())), Duration::from_secs(90));
+    let wanted = (total as f64 * fraction) as usize;
+    until(Duration::from_secs(120), "enough of the load acknowledged", || tally.lock().unwrap().acknowledged >= wanted)
+        .await;
     let victim = cluster.masters().await[0];
     let killed_at = std::time::Instant::now();
     cluster.kill(victim);
     cluster.wait_for_failover(victim).await;
-    let failover = killed_at.elapsed();
-    // Its replica is a master now, without a replica of its own: until the old master is
-    // back as one, flushes that write there cannot be confirmed by a replica, and fail (503).
+    let promoted = killed_at.elapsed();
     cluster.restart(victim).await;
     let rejoined = killed_at.elapsed();
-    load.task.await.unwrap();
-
-    let acked = acked.lock().unwrap().clone();
-    let complete = fully_acknowledged(&acked, &ids);
+    task.await.unwrap();
+    let complete = fully_acknowledged(&acked.lock().unwrap(), ids);
     let tally = tally.lock().unwrap().clone();
-    assert_eq!(complete.len(), ids.len(), "every batch was acknowledged in the end: {tally:?}");
-    assert_indexed_exactly(&es, &complete).await;
+    Failover {
+        complete,
+        batches: total,
+        acknowledged: tally.acknowledged,
+        unavailable: tally.unavailable,
+        promoted,
+        rejoined,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_master_killed_mid_load_loses_nothing_acknowledged_with_wait_replicas() {
+    let (mut cluster, es) = (RedisCluster::start(3, 1).await, EsTarget::start().await);
+    let mut settings = cluster_settings(&cluster, &es);
+    persisted_and_quick_to_notice(&mut settings);
+    settings.redis.wait_replicas = 1;
+    let app = spawn_app(settings).await;
+    let ids: Vec<String> = (0..3_000).map(|i| format!("f-{i}")).collect();
+    let run = kill_a_master_under_load(&mut cluster, &app, &ids, 1.0 / 3.0).await;
+    assert_eq!(run.complete.len(), ids.len(), "every batch was acknowledged in the end");
+    assert_indexed_exactly(&es, &run.complete).await;
     eprintln!(
-        "master killed: failover in {failover:?}, replica back in {rejoined:?}, batches {total}, acknowledged {}, 503s seen {}, items indexed {}",
-        tally.acknowledged,
-        tally.unavailable,
+        "master killed: replica promoted in {:?}, old master back as a replica in {:?}, batches {}, acknowledged {}, 503s seen {}, items indexed {}",
+        run.promoted,
+        run.rejoined,
+        run.batches,
+        run.acknowledged,
+        run.unavailable,
         es.count().await
     );
     app.stop().await.unwrap();
@@ -134,21 +147,8 @@ async fn what_a_failover_loses_without_wait_replicas() {
         settings.redis.connection_timeout = Duration::from_millis(300);
         let app = spawn_app(settings).await;
         let ids: Vec<String> = (0..20_000).map(|i| format!("l-{i}")).collect();
-        let batches = shuffled_batches(&ids, 50, 6);
-        let total = batches.len();
-        let load = start_load(batches, 4, Arc::new(Mutex::new(app.address.clone())), Duration::from_secs(90));
-        let (acked, tally) = (load.acked.clone(), load.tally.clone());
-        until(Duration::from_secs(120), "half the load acknowledged", || {
-            tally.lock().unwrap().acknowledged >= total / 2
-        })
-        .await;
-        let victim = cluster.masters().await[0];
-        cluster.kill(victim);
-        cluster.wait_for_failover(victim).await;
-        cluster.restart(victim).await;
-        load.task.await.unwrap();
-        let acked = acked.lock().unwrap().clone();
-        let complete = fully_acknowledged(&acked, &ids);
+        let run = kill_a_master_under_load(&mut cluster, &app, &ids, 0.5).await;
+        let complete = run.complete;
         // Indexed until the count stops moving for 5 s.
         let (mut count, mut still) = (es.count().await, std::time::Instant::now());
         while still.elapsed() < Duration::from_secs(5) {
@@ -163,7 +163,7 @@ async fn what_a_failover_loses_without_wait_replicas() {
         eprintln!(
             "ack {ack:?}, wait_replicas 0: {} items fully acknowledged, {lost} of them not indexed after the failover; {} 503s",
             complete.len(),
-            tally.lock().unwrap().unavailable
+            run.unavailable
         );
         app.stop().await.unwrap();
     }

@@ -156,15 +156,21 @@ async fn a_failing_document_is_dead_lettered_with_its_reason_and_the_rest_indexe
     assert_eq!(keys, vec!["deadletter".to_owned()], "the dead-lettered item left the outbox");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn redis_killed_mid_load_loses_no_acknowledged_part_in_persisted_mode() {
-    let (mut redis, es) = (RedisServer::start_with(true).await, EsTarget::start().await);
-    let mut settings = test_settings(&redis, &es);
+/// Persisted acknowledgements, and Redis timeouts short enough that a dead Redis shows as
+/// 503s within a test's patience.
+pub(crate) fn persisted_and_quick_to_notice(settings: &mut embedjoin::Settings) {
     settings.durability.ack = embedjoin::config::AckMode::Persisted;
     settings.durability.ack_timeout = Duration::from_secs(2);
     settings.durability.enqueue_timeout = Duration::from_millis(500);
     settings.redis.response_timeout = Duration::from_millis(500);
     settings.redis.connection_timeout = Duration::from_millis(300);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_killed_mid_load_loses_no_acknowledged_part_in_persisted_mode() {
+    let (mut redis, es) = (RedisServer::start_with(true).await, EsTarget::start().await);
+    let mut settings = test_settings(&redis, &es);
+    persisted_and_quick_to_notice(&mut settings);
     let app = spawn_app(settings).await;
     let ids: Vec<String> = (0..3_000).map(|i| format!("r-{i}")).collect();
     let batches = shuffled_batches(&ids, 50, 2);
