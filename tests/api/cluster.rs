@@ -145,6 +145,10 @@ async fn what_a_failover_loses_without_wait_replicas() {
         settings.durability.ack = ack;
         settings.redis.response_timeout = Duration::from_millis(500);
         settings.redis.connection_timeout = Duration::from_millis(300);
+        // A completion whose reply the dead master never sent waits in the outbox until its
+        // lease lapses: short here, so that "still missing" means lost.
+        settings.durability.maintenance_interval = Duration::from_millis(500);
+        settings.durability.outbox_resend_after = Duration::from_secs(2);
         let app = spawn_app(settings).await;
         let ids: Vec<String> = (0..20_000).map(|i| format!("l-{i}")).collect();
         let run = kill_a_master_under_load(&mut cluster, &app, &ids, 0.5).await;
