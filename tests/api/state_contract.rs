@@ -716,3 +716,24 @@ async fn maintenance_is_split_between_instances_and_handed_on_redis() {
 async fn maintenance_is_split_between_instances_and_handed_on_cluster() {
     maintenance_is_split_between_instances_and_handed_on(Kind::Cluster).await
 }
+
+/// A master that forgot the scripts (restarted, or a replica promoted since they were
+/// loaded) is given them again: every call still runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn masters_that_forgot_the_scripts_get_them_again_on_a_cluster() {
+    let backend = Backend::start(Kind::Cluster).await;
+    let store = backend.open().await;
+    let ids: Vec<String> = (0..30).map(|i| format!("s-{i}")).collect();
+    let texts: Vec<_> = ids.iter().map(|id| one(id, TEXT, 0, None)).collect();
+    for outcome in store.merge(&texts, LEASE).await.unwrap() {
+        assert_persisted(outcome);
+    }
+    for port in backend.cluster.unwrap().masters().await {
+        let client = redis::Client::open(format!("redis://127.0.0.1:{port}")).unwrap();
+        let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+        let () = redis::cmd("SCRIPT").arg("FLUSH").query_async(&mut conn).await.unwrap();
+    }
+    let images: Vec<_> = ids.iter().map(|id| one(id, IMAGE, 0, None)).collect();
+    let done = store.merge(&images, LEASE).await.unwrap();
+    assert!(done.iter().all(|o| matches!(o, MergeOutcome::Completed(_))), "{done:?}");
+}
