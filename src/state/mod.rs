@@ -300,7 +300,8 @@ pub(crate) struct LetterCap {
 /// The configured state backend.
 #[derive(Clone)]
 pub enum StateStore {
-    Redis(redis::RedisStore),
+    /// Boxed: a handle on either kind of Redis connection is large.
+    Redis(Box<redis::RedisStore>),
     Embedded(embedded::EmbeddedStore),
 }
 
@@ -326,7 +327,7 @@ impl StateStore {
                 )
                 .await?;
                 store.letter_cap.max = settings.durability.dead_letter_max;
-                Ok(StateStore::Redis(store))
+                Ok(StateStore::Redis(Box::new(store)))
             }
             StateBackend::Embedded => {
                 let mut store = embedded::EmbeddedStore::open(&settings.embedded, &settings.state, schema).await?;
