@@ -41,14 +41,19 @@ use crate::config::{Settings, StateBackend};
 use crate::model::document::{Origin, OrphanKind, Partial};
 use crate::model::{Document, Metadata, Schema};
 
-/// A state-store failure. Every one is retryable: a failed merge leaves the item as it was
-/// or with its new parts written, and merging again is idempotent.
+/// A state-store failure. Every one but `Layout` (found at connect) is retryable: a failed
+/// merge leaves the item as it was or with its new parts written, and merging again is
+/// idempotent.
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
     #[error("redis: {0}")]
     Redis(#[from] ::redis::RedisError),
     #[error("unexpected reply from the store: {0}")]
     Protocol(String),
+    /// The stored data does not match the configured layout (never retried: a setting is
+    /// wrong).
+    #[error("{0}")]
+    Layout(String),
     /// One master failed the calls sent to it (the others may have succeeded).
     #[error("redis master {node}: {error}")]
     Node { node: String, error: String },

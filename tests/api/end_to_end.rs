@@ -52,7 +52,7 @@ pub async fn complete_items_left_in_redis(redis: &RedisServer) -> usize {
 }
 
 /// Keys left in Redis, by role ([`key_role`]: `i:x`, `partials`, ...), but the epoch
-/// markers (which stay for the life of the data), completed items' records (the stamps of
+/// markers and the layout (which stay for the life of the data), completed items' records (the stamps of
 /// their parts: no vector, no metadata), and a running instance's maintenance leases and
 /// announcement (released when it stops).
 pub async fn redis_keys(redis: &RedisServer) -> Vec<String> {
@@ -61,7 +61,7 @@ pub async fn redis_keys(redis: &RedisServer) -> Vec<String> {
     let mut left: Vec<String> = keys
         .iter()
         .map(|k| key_role(k))
-        .filter(|role| !["epoch", "lease", "instances"].contains(role) && !role.starts_with("r:"))
+        .filter(|role| !["epoch", "layout", "lease", "instances"].contains(role) && !role.starts_with("r:"))
         .map(str::to_owned)
         .collect();
     left.sort();

@@ -737,3 +737,14 @@ async fn masters_that_forgot_the_scripts_get_them_again_on_a_cluster() {
     let done = store.merge(&images, LEASE).await.unwrap();
     assert!(done.iter().all(|o| matches!(o, MergeOutcome::Completed(_))), "{done:?}");
 }
+
+/// Data written with one number of buckets is never read with another: the store refuses
+/// to connect, and says which setting to fix.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_refuses_data_written_with_another_number_of_buckets() {
+    let mut backend = Backend::start(Kind::Redis).await;
+    let _first = backend.open().await;
+    backend.settings.redis.buckets = 512;
+    let error = StateStore::connect(&backend.settings, &backend.schema).await.err().expect("refused").to_string();
+    assert!(error.contains("buckets=1024") && error.contains("redis.buckets is 512"), "{error}");
+}

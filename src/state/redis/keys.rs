@@ -14,6 +14,10 @@
 //! - `{prefix}{<tag>}lease`: in the first bucket of a range, the instance whose maintenance
 //!   visits the range (see [`super::share`]).
 //!
+//! Outside the buckets: `{prefix}deadletter` (the dead letters), `{prefix}layout` (the
+//! number of buckets the data was written with) and `{prefix}instances` (the instances
+//! sharing the maintenance, see [`super::share`]).
+//!
 //! The hash tag comes before the id, so an id holding `{` or `}` cannot change the slot.
 //!
 //! Tags are chosen so that bucket `b` of `n` is served by slot `b * 16384 / n`: buckets

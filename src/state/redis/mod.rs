@@ -170,9 +170,31 @@ impl RedisStore {
                 }
             }
         }
+        store.check_layout().await?;
         migrate::old_layout(&store, &settings.key_prefix).await?;
         store.check_epoch().await?;
         Ok(store)
+    }
+
+    /// Refuses to run on data written with another number of buckets: its items would be
+    /// looked for in the wrong buckets. The first store to connect under a prefix writes
+    /// its number (`{prefix}layout`).
+    async fn check_layout(&self) -> Result<(), StateError> {
+        let key = format!("{}layout", self.prefix);
+        let mine = format!("buckets={}", self.keys.buckets());
+        let mut conn = self.nodes.conn();
+        let () = redis::cmd("SET").arg(&key).arg(&mine).arg("NX").query_async(&mut conn).await?;
+        let stored: String = redis::cmd("GET").arg(&key).query_async(&mut conn).await?;
+        if stored != mine {
+            return Err(StateError::Layout(format!(
+                "the data under redis.key_prefix `{}` was written with {stored}, and redis.buckets is {}: \
+                 items would be looked for in the wrong buckets. Set redis.buckets back, or drain and \
+                 start under a new key prefix.",
+                self.prefix,
+                self.keys.buckets()
+            )));
+        }
+        Ok(())
     }
 
     /// Where this store's keys are.
