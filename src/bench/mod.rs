@@ -987,4 +987,51 @@ mod tests {
         assert_eq!(s.redis_merges, 1000, "{s:?}");
         assert!(s.latency.is_some() && s.peak_rss_bytes.is_some());
     }
+
+    /// Runs the real pipeline against the Redis Cluster whose seeds are in
+    /// `EMBEDJOIN_TEST_REDIS_CLUSTER` (comma-separated, as `scripts/redis-cluster 3` prints
+    /// them; skipped without it): each master carries its share of the commands, the records
+    /// are counted on every master, and no key of the run is left on any.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_cluster_run_spreads_its_commands_over_the_masters_and_leaves_no_key() {
+        let Ok(seeds) = std::env::var("EMBEDJOIN_TEST_REDIS_CLUSTER") else {
+            eprintln!("skipped: set EMBEDJOIN_TEST_REDIS_CLUSTER to run it");
+            return;
+        };
+        let args = parse(&[
+            "--redis-cluster",
+            &seeds,
+            "--sink",
+            "null",
+            "--entities",
+            "3000",
+            "--dims",
+            "4,6",
+            "--order",
+            "split",
+            "--batch-size",
+            "50",
+            "--json",
+        ])
+        .unwrap();
+        let mut settings = Settings::defaults();
+        settings.shards.max_dirty = 1;
+        apply_overrides(&args, &mut settings).unwrap();
+        let s = in_process(&settings, &args, None).await.unwrap();
+        assert!(s.complete && s.completed_in_store == 3000, "{s:?}");
+        let cpu = s.cpu.unwrap();
+        assert_eq!(cpu.redis_records, Some(3000), "every record found, whichever master holds it");
+        let masters = cpu.redis_masters.unwrap();
+        let even = 100.0 / masters.len() as f64;
+        assert!(masters.len() >= 3, "{masters:?}");
+        for m in &masters {
+            assert!((m.command_share_percent - even).abs() < 5.0, "{masters:?}");
+            assert!(m.redis_us_per_embedding > 0.0, "{masters:?}");
+        }
+        let pattern = format!("{}*", settings.redis.key_prefix);
+        for mut node in redis_nodes::connect(&settings.redis).await.unwrap() {
+            let left = redis_nodes::scan(&mut node.conn, &pattern).await.unwrap();
+            assert!(left.is_empty(), "{} keeps {left:?}", node.address);
+        }
+    }
 }
