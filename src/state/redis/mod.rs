@@ -376,19 +376,26 @@ impl RedisStore {
 
     /// Settles outbox entries: `(id, version)` pairs.
     pub async fn confirm(&self, done: &[(String, u64)]) -> Result<(), StateError> {
-        // One script call per bucket and chunk, not one per document.
+        // One script call per chunk, not one per document; on a cluster, per bucket and
+        // chunk (a script's keys must share a slot).
+        let groups: Vec<Vec<&(String, u64)>> = if self.nodes.is_cluster() {
+            self.by_bucket(done, |(id, _)| id).into_iter().map(|(_, entries)| entries).collect()
+        } else {
+            vec![done.iter().collect()]
+        };
         let mut calls = Vec::new();
-        for (b, entries) in self.by_bucket(done, |(id, _)| id) {
+        for entries in groups {
             for chunk in entries.chunks(CHUNK) {
                 let mut cmd = redis::cmd("EVALSHA");
-                cmd.arg(self.scripts.confirm.get_hash()).arg(1 + chunk.len()).arg(self.keys.outbox_index(b));
+                cmd.arg(self.scripts.confirm.get_hash()).arg(2 * chunk.len());
                 for (id, _) in chunk {
-                    cmd.arg(self.keys.outbox(b, id));
+                    let b = self.keys.bucket(id);
+                    cmd.arg(self.keys.outbox_index(b)).arg(self.keys.outbox(b, id));
                 }
                 for (id, version) in chunk {
                     cmd.arg(id).arg(version);
                 }
-                calls.push(Call { slot: self.keys.slot(b), cmd });
+                calls.push(Call { slot: self.keys.slot(self.keys.bucket(&chunk[0].0)), cmd });
             }
         }
         self.run(&calls, false).await
