@@ -236,3 +236,32 @@ async fn a_master_that_lost_its_data_is_noticed() {
     assert_eq!(resets().await, 1.0, "one master lost its data once");
     app.stop().await.unwrap();
 }
+
+/// Slots moved from one master to another while two instances write: calls that meet a
+/// slot mid-move (`ASK`, `TRYAGAIN`) or after it (`MOVED`) are sent again where it went,
+/// and every item is still indexed exactly once, with its vectors.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slots_moved_while_loading_lose_and_duplicate_nothing() {
+    let (cluster, es) = (RedisCluster::start(3, 0).await, EsTarget::start().await);
+    let a = spawn_app(cluster_settings(&cluster, &es)).await;
+    let b = spawn_app(cluster_settings(&cluster, &es)).await;
+    let ids: Vec<String> = (0..4_000).map(|i| format!("m-{i}")).collect();
+    let masters = cluster.masters().await;
+    let started = std::time::Instant::now();
+    let (loaded, moved) = tokio::join!(
+        async {
+            texts_to_one_images_to_the_other(&a, &b, &ids, 11).await;
+            started.elapsed()
+        },
+        async {
+            cluster.reshard(masters[0], masters[1], 600).await;
+            started.elapsed()
+        }
+    );
+    eprintln!("slots moved: the load took {loaded:?}, moving 600 slots {moved:?}");
+    assert!(moved > loaded / 2, "most of the load ran while slots were moving");
+    let writes = assert_indexed_exactly(&es, &ids).await;
+    assert_eq!(writes, ids.len() as u64, "each item indexed once");
+    a.stop().await.unwrap();
+    b.stop().await.unwrap();
+}

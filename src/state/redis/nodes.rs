@@ -2,8 +2,9 @@
 //! Redis Cluster through `redis.cluster_nodes`, behind one way of running many calls.
 //!
 //! [`Nodes::exec`] runs a list of calls, each on one slot (see [`super::keys`]): it groups
-//! them by the master that serves their slot, sends each group as one pipeline, the groups
-//! concurrently, and returns the replies in order. Every call may be sent twice (all of
+//! them by the master that serves their slot, sends each group as one pipeline on a
+//! connection of its own to that master, the groups concurrently, and returns the replies
+//! in order. Every call may be sent twice (all of
 //! embedjoin's calls are idempotent), so:
 //!
 //! - a reply that says the slot moved (`MOVED`, `ASK`, `TRYAGAIN`, `CLUSTERDOWN`: a failover
@@ -16,15 +17,17 @@
 //! With `redis.wait_replicas = N`, a durable write's group ends with `WAIT N`: the writes
 //! count as done only once N replicas of that master have them.
 
+use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use futures_util::future::join_all;
-use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
+use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig, MultiplexedConnection};
 use redis::cluster_async::ClusterConnection;
 use redis::cluster_routing::{
     MultipleNodeRoutingInfo, ResponsePolicy, Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr,
 };
+use redis::AsyncConnectionConfig;
 use redis::{Cmd, ErrorKind, RedisFuture, ServerErrorKind, Value};
 
 use super::keys::SLOTS;
@@ -143,6 +146,13 @@ pub struct Nodes {
     scripts: Arc<Vec<String>>,
     /// `(replicas, timeout)` for durable writes, from `redis.wait_replicas`.
     wait: Option<(usize, Duration)>,
+    /// On a cluster, a connection of our own to each master, by `host:port`, for the
+    /// flushes' pipelines: its replies come back one per call (the cluster client turns a
+    /// pipeline with one redirected call into an error for all, though the others ran).
+    masters: Arc<tokio::sync::Mutex<HashMap<String, MultiplexedConnection>>>,
+    /// A seed's URL (scheme, credentials, TLS), for the connections to the masters.
+    seed: String,
+    timeouts: (Duration, Duration),
 }
 
 impl Nodes {
@@ -171,6 +181,9 @@ impl Nodes {
             topology: Arc::new(RwLock::new(Arc::new(Topology::single(&settings.url)))),
             scripts: Arc::new(scripts),
             wait,
+            masters: Arc::default(),
+            seed: settings.cluster_nodes.first().unwrap_or(&settings.url).clone(),
+            timeouts: (settings.connection_timeout, settings.response_timeout),
         };
         nodes.refresh().await?;
         nodes.load_scripts(None).await?;
@@ -268,10 +281,14 @@ impl Nodes {
                 }
             }
         }
-        let sent =
-            join_all(groups.iter().map(|(slot, _, members)| self.pipeline(*slot, members, calls, durable))).await;
+        let sent = join_all(groups.iter().map(|(slot, master, members)| {
+            let address = topology.masters.get(*master).map(String::as_str);
+            self.pipeline(*slot, address, members, calls, durable)
+        }))
+        .await;
         let mut replies: Vec<Result<Value, StateError>> = (0..calls.len()).map(|_| Ok(Value::Nil)).collect();
         let mut again = Vec::new();
+        let mut refresh = false;
         for ((_, master, members), result) in groups.iter().zip(sent) {
             match result {
                 Ok(values) => {
@@ -283,12 +300,18 @@ impl Nodes {
                     }
                 }
                 Err(e) => {
+                    refresh = true; // a master down: perhaps a failover is under way
                     let node = topology.masters.get(*master).map_or("slots without a master", String::as_str);
                     let error = e.to_string();
                     for &i in members {
                         replies[i] = Err(StateError::Node { node: node.to_owned(), error: error.clone() });
                     }
                 }
+            }
+        }
+        if refresh && again.is_empty() && self.is_cluster() {
+            if let Err(e) = self.refresh().await {
+                tracing::debug!(error = %e, "Could not read the cluster's slot map again.");
             }
         }
         if !again.is_empty() {
@@ -308,6 +331,7 @@ impl Nodes {
     async fn pipeline(
         &self,
         slot: u16,
+        master: Option<&str>,
         members: &[usize],
         calls: &[Call],
         durable: bool,
@@ -321,9 +345,20 @@ impl Nodes {
                 pipe.cmd("WAIT").arg(replicas).arg(timeout.as_millis() as u64);
             }
         }
-        let mut replies = match &self.conn {
-            Conn::Single(c) => c.clone().req_packed_commands(&pipe, 0, pipe.len()).await?,
-            Conn::Cluster(c) => {
+        let mut replies = match (&self.conn, master) {
+            (Conn::Single(c), _) => c.clone().req_packed_commands(&pipe, 0, pipe.len()).await?,
+            (Conn::Cluster(_), Some(master)) => {
+                let mut conn = self.master(master).await?;
+                match conn.req_packed_commands(&pipe, 0, pipe.len()).await {
+                    Ok(replies) => replies,
+                    Err(e) => {
+                        // Connect again next time (the master may be gone: a failover).
+                        self.masters.lock().await.remove(master);
+                        return Err(e.into());
+                    }
+                }
+            }
+            (Conn::Cluster(c), None) => {
                 let route = SingleNodeRoutingInfo::SpecificNode(Route::new(slot, SlotAddr::Master));
                 c.clone().route_pipeline(pipe.clone(), 0, pipe.len(), route).await?
             }
@@ -338,6 +373,27 @@ impl Nodes {
             return Err(StateError::Protocol(format!("{} replies for {} commands", replies.len(), members.len())));
         }
         Ok(replies)
+    }
+
+    /// Our connection to the master at `address` (`host:port`), made on first use.
+    async fn master(&self, address: &str) -> Result<MultiplexedConnection, StateError> {
+        let mut masters = self.masters.lock().await;
+        if let Some(conn) = masters.get(address) {
+            return Ok(conn.clone());
+        }
+        let (host, port) = address
+            .rsplit_once(':')
+            .and_then(|(h, p)| Some((h, p.parse::<u16>().ok()?)))
+            .ok_or_else(|| StateError::Protocol(format!("a master's address `{address}` is not host:port")))?;
+        let mut url = url::Url::parse(&self.seed).map_err(|e| StateError::Protocol(format!("seed URL: {e}")))?;
+        url.set_host(Some(host)).map_err(|e| StateError::Protocol(format!("master host `{host}`: {e}")))?;
+        url.set_port(Some(port)).map_err(|()| StateError::Protocol(format!("master port {port}")))?;
+        let config = AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(self.timeouts.0))
+            .set_response_timeout(Some(self.timeouts.1));
+        let conn = redis::Client::open(url.as_str())?.get_multiplexed_async_connection_with_config(&config).await?;
+        masters.insert(address.to_owned(), conn.clone());
+        Ok(conn)
     }
 
     /// One call sent by itself, routed (and redirected) by the client, until it is neither

@@ -403,6 +403,34 @@ impl RedisCluster {
         try_info(port, section).await.unwrap_or_else(|e| panic!("INFO {section} on port {port} failed: {e}"))
     }
 
+    /// Moves `slots` slots from the master at `from` to the master at `to` while the cluster
+    /// serves (`redis-cli --cluster reshard`: each slot's keys migrate one by one, the
+    /// clients meeting `ASK` and `TRYAGAIN` meanwhile). Returns when the move is done.
+    pub async fn reshard(&self, from: u16, to: u16, slots: usize) {
+        let id = |port: u16| async move {
+            query::<String>(port, redis::cmd("CLUSTER").arg("MYID")).await.expect("CLUSTER MYID")
+        };
+        let (from_id, to_id) = (id(from).await, id(to).await);
+        let cli = cli();
+        let output = tokio::task::spawn_blocking(move || {
+            Command::new(cli)
+                .args(["--cluster", "reshard", &format!("127.0.0.1:{from}")])
+                .args(["--cluster-from", &from_id, "--cluster-to", &to_id])
+                .args(["--cluster-slots", &slots.to_string(), "--cluster-yes", "--cluster-pipeline", "100"])
+                .stdin(Stdio::null())
+                .output()
+                .expect("cannot run redis-cli")
+        })
+        .await
+        .unwrap();
+        assert!(
+            output.status.success(),
+            "redis-cli --cluster reshard failed:\n{}\n{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+
     /// The last lines of every node's log, for failure messages.
     fn log_tails(&self) -> String {
         self.nodes
