@@ -109,12 +109,18 @@ if update and done then
   redis.call('ZADD', KEYS[3], lease, id)
   return entry_reply()
 end
-redis.call('HSET', item, unpack(set))
-if #del > 0 then
-  redis.call('HDEL', item, unpack(del))
-end
-for i = 9, 8 + n do
-  if not wrote[ARGV[i]] and redis.call('HEXISTS', item, ARGV[i]) == 0 then
+-- Every part is here if each one was written now or waits here: a waiting part always has
+-- its stamp (every script writes and removes `T` and `s:T` together), so the stamps read
+-- above tell, and no vector is looked at.
+local waited = false
+for j = 1, n do
+  if waiting[j] then
+    waited = true
+  elseif not wrote[ARGV[8 + j]] then
+    redis.call('HSET', item, unpack(set))
+    if #del > 0 then
+      redis.call('HDEL', item, unpack(del))
+    end
     redis.call('PEXPIRE', item, ttl)
     redis.call('ZADD', KEYS[4], now, id)
     return 0
@@ -124,17 +130,21 @@ end
 -- record remembers the parts' stamps and the version.
 local version = 0
 for j = 1, n do
-  known[j] = known[j] or 0 -- a part stored before stamps existed
   version = math.max(version, known[j])
 end
-redis.call('ZREM', KEYS[4], id)
+if waited then
+  redis.call('ZREM', KEYS[4], id)
+end
 if done and done >= version then
   -- A completion as new or newer was made before (and waits or was delivered).
   redis.call('DEL', item)
   write_record(records, id, fingerprint, now, done, known)
   return 0
 end
-redis.call('HSET', item, '_v', string.format('%d', version))
+redis.call('HSET', item, '_v', string.format('%d', version), unpack(set))
+if #del > 0 then
+  redis.call('HDEL', item, unpack(del))
+end
 redis.call('RENAME', item, outbox) -- replaces an older completion waiting there
 redis.call('PERSIST', outbox)
 redis.call('ZADD', KEYS[3], lease, id)
