@@ -377,10 +377,11 @@ impl Nodes {
 
     /// Our connection to the master at `address` (`host:port`), made on first use.
     async fn master(&self, address: &str) -> Result<MultiplexedConnection, StateError> {
-        let mut masters = self.masters.lock().await;
-        if let Some(conn) = masters.get(address) {
+        if let Some(conn) = self.masters.lock().await.get(address) {
             return Ok(conn.clone());
         }
+        // Connected without the lock held: a master that does not answer (mid-failover)
+        // must not hold up the flushes to the others.
         let (host, port) = address
             .rsplit_once(':')
             .and_then(|(h, p)| Some((h, p.parse::<u16>().ok()?)))
@@ -392,8 +393,7 @@ impl Nodes {
             .set_connection_timeout(Some(self.timeouts.0))
             .set_response_timeout(Some(self.timeouts.1));
         let conn = redis::Client::open(url.as_str())?.get_multiplexed_async_connection_with_config(&config).await?;
-        masters.insert(address.to_owned(), conn.clone());
-        Ok(conn)
+        Ok(self.masters.lock().await.entry(address.to_owned()).or_insert(conn).clone())
     }
 
     /// One call sent by itself, routed (and redirected) by the client, until it is neither
