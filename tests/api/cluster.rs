@@ -5,7 +5,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use crate::durability::{fully_acknowledged, persisted_and_quick_to_notice, shuffled_batches, start_load, until, Load};
+use crate::durability::{fully_acknowledged, shuffled_batches, start_load, until, Load};
 use crate::end_to_end::assert_indexed_exactly;
 use crate::instances::texts_to_one_images_to_the_other;
 use crate::support::app::{cluster_settings, spawn_app, TestApp};
@@ -114,8 +114,9 @@ async fn kill_a_master_under_load(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_master_killed_mid_load_loses_nothing_acknowledged_with_wait_replicas() {
     let (mut cluster, es) = (RedisCluster::start(3, 1).await, EsTarget::start().await);
+    // The defaults, but for what this test is about.
     let mut settings = cluster_settings(&cluster, &es);
-    persisted_and_quick_to_notice(&mut settings);
+    settings.durability.ack = embedjoin::config::AckMode::Persisted;
     settings.redis.wait_replicas = 1;
     let app = spawn_app(settings).await;
     let ids: Vec<String> = (0..3_000).map(|i| format!("f-{i}")).collect();
