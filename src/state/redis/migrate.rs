@@ -38,9 +38,8 @@ pub async fn old_layout(store: &RedisStore, prefix: &str) -> Result<(usize, usiz
             break;
         }
         let mut batch = Vec::new();
-        for id in &ids {
-            let fields: Vec<Value> =
-                redis::cmd("HGETALL").arg(format!("{prefix}{{{id}}}")).query_async(&mut conn).await?;
+        let keys: Vec<String> = ids.iter().map(|id| format!("{prefix}{{{id}}}")).collect();
+        for (id, fields) in ids.iter().zip(hashes(&mut conn, &keys).await?) {
             let entry = store.entry(id, fields);
             if entry.error.is_some() || entry.vectors.iter().all(Option::is_none) {
                 continue; // gone, or unreadable: as the orphan sweep would have found it
@@ -71,16 +70,19 @@ pub async fn old_layout(store: &RedisStore, prefix: &str) -> Result<(usize, usiz
             break;
         }
         let mut docs = Vec::new();
-        for id in &ids {
-            let fields: Vec<Value> =
-                redis::cmd("HGETALL").arg(format!("{prefix}outbox:{{{id}}}")).query_async(&mut conn).await?;
+        let keys: Vec<String> = ids.iter().map(|id| format!("{prefix}outbox:{{{id}}}")).collect();
+        for (id, fields) in ids.iter().zip(hashes(&mut conn, &keys).await?) {
             if fields.is_empty() {
                 continue;
             }
             match store.swept(id.clone(), Value::Array(fields)) {
                 Some(Swept::Found(doc)) => docs.push(doc),
                 Some(Swept::Unreadable { reason, .. }) => {
-                    tracing::error!(id, reason, "An outbox entry of the old key layout cannot be read; it stays.");
+                    tracing::error!(
+                        id,
+                        reason,
+                        "An outbox entry of the old key layout cannot be read; it is left under its old key."
+                    );
                     continue;
                 }
                 None => {}
@@ -125,4 +127,13 @@ pub async fn old_layout(store: &RedisStore, prefix: &str) -> Result<(usize, usiz
     redis::cmd("DEL").arg(&marker).query_async::<()>(&mut conn).await?;
     tracing::warn!(items, records, "Moved embedjoin's old key layout into virtual buckets.");
     Ok((items, records))
+}
+
+/// Every field and value of each hash, in one round trip.
+async fn hashes(conn: &mut super::nodes::Conn, keys: &[String]) -> Result<Vec<Vec<Value>>, StateError> {
+    let mut pipe = redis::pipe();
+    for key in keys {
+        pipe.cmd("HGETALL").arg(key);
+    }
+    Ok(pipe.query_async(conn).await?)
 }
