@@ -75,7 +75,6 @@ pub fn encode_op(
     let start = w.0.len();
     w.raw(b"{\"id\":");
     w.json_str(&doc.id);
-    let mut floats = ryu::Buffer::new();
     for (slot, vector) in doc.vectors.iter().enumerate() {
         if vector.is_empty() {
             continue; // a missing part of an incomplete document, or one an update leaves
@@ -84,14 +83,8 @@ pub fn encode_op(
         w.raw(schema.part(slot).field.as_bytes()); // validated: a plain name, no escaping needed
         match vectors {
             VectorEncoding::Array => {
-                w.raw(b"\":[");
-                for (i, x) in vector.iter().enumerate() {
-                    if i > 0 {
-                        w.raw(b",");
-                    }
-                    w.raw(floats.format_finite(*x).as_bytes());
-                }
-                w.raw(b"]");
+                w.raw(b"\":");
+                float_array(w.0, vector);
             }
             VectorEncoding::Base64 => {
                 w.raw(b"\":\"");
@@ -214,6 +207,36 @@ fn merge_head(w: &mut Writer, schema: &Schema, action: Action) {
     w.raw(b"},\"d\":");
 }
 
+/// Writes `vector` as a JSON array of shortest round-trip decimals (ryu), straight into
+/// `buf`: no intermediate string and no copy per value, which cost a quarter of formatting.
+/// The values are finite (validated at ingress).
+fn float_array(buf: &mut BytesMut, vector: &[f32]) {
+    // ryu writes at most 16 bytes for an f32; one more for the separator.
+    const MAX_VALUE: usize = 16 + 1;
+    buf.reserve(2 + MAX_VALUE * vector.len());
+    let start = buf.len();
+    let out = buf.spare_capacity_mut().as_mut_ptr().cast::<u8>();
+    let mut n = 0;
+    // SAFETY: `reserve` made room for `2 + MAX_VALUE * len` bytes past `start`, and this
+    // writes at most that many: `[`, then per value a `,` and at most 16 bytes from
+    // `ryu::raw::format32` (its documented bound), then `]`. `set_len` covers only the
+    // bytes written, all initialised here.
+    unsafe {
+        *out = b'[';
+        n += 1;
+        for (i, x) in vector.iter().enumerate() {
+            if i > 0 {
+                *out.add(n) = b',';
+                n += 1;
+            }
+            n += ryu::raw::format32(*x, out.add(n));
+        }
+        *out.add(n) = b']';
+        n += 1;
+        buf.set_len(start + n);
+    }
+}
+
 struct Writer<'a>(&'a mut BytesMut);
 
 impl Writer<'_> {
@@ -307,6 +330,9 @@ mod tests {
         let text = std::str::from_utf8(&buf[source]).unwrap();
         let array = &text[text.find("\"v\":[").unwrap() + 5..];
         let array = &array[..array.find(']').unwrap()];
+        let mut floats = ryu::Buffer::new();
+        let shortest: Vec<String> = values.iter().map(|x| floats.format_finite(*x).to_owned()).collect();
+        assert_eq!(array, shortest.join(","), "ryu's own text, written in place");
         let back: Vec<f32> = array.split(',').map(|x| x.parse().unwrap()).collect();
         assert_eq!(back.len(), values.len());
         for (x, y) in values.iter().zip(&back) {

@@ -695,9 +695,9 @@ impl RedisStore {
 
 /// A vector as little-endian f32 bytes (a plain copy on little-endian machines).
 pub fn f32_le_bytes(v: &[f32]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(v.len() * 4);
-    for x in v {
-        out.extend_from_slice(&x.to_le_bytes());
+    let mut out = vec![0; v.len() * 4];
+    for (bytes, x) in out.chunks_exact_mut(4).zip(v) {
+        bytes.copy_from_slice(&x.to_le_bytes());
     }
     out
 }
