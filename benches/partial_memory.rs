@@ -3,15 +3,17 @@
 //!
 //! Prints, per partial, the bytes requested from the allocator (exact, counted by a
 //! wrapping allocator) and the growth of resident memory (what the OS sees, allocator
-//! overhead included), against the vector bytes it holds.
+//! overhead included), against the vector bytes it holds. The allocator is the one the
+//! service runs with (mimalloc, `src/main.rs`).
 
-use std::alloc::{GlobalAlloc, Layout, System};
+use std::alloc::{GlobalAlloc, Layout};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicIsize, Ordering};
 use std::time::Instant;
 
 use embedjoin::model::document::Partial;
 use embedjoin::model::Part;
+use mimalloc::MiMalloc;
 
 struct Counting;
 
@@ -20,15 +22,15 @@ static LIVE: AtomicIsize = AtomicIsize::new(0);
 unsafe impl GlobalAlloc for Counting {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
         LIVE.fetch_add(layout.size() as isize, Ordering::Relaxed);
-        unsafe { System.alloc(layout) }
+        unsafe { MiMalloc.alloc(layout) }
     }
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
         LIVE.fetch_sub(layout.size() as isize, Ordering::Relaxed);
-        unsafe { System.dealloc(ptr, layout) }
+        unsafe { MiMalloc.dealloc(ptr, layout) }
     }
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
         LIVE.fetch_add(new_size as isize - layout.size() as isize, Ordering::Relaxed);
-        unsafe { System.realloc(ptr, layout, new_size) }
+        unsafe { MiMalloc.realloc(ptr, layout, new_size) }
     }
 }
 
