@@ -18,3 +18,4 @@ mod semantics;
 mod sink_contract;
 mod state_contract;
 mod support;
+mod vector_encoding;

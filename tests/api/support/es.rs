@@ -14,6 +14,9 @@ pub struct EsTarget {
     pub index: String,
     /// Whether the cluster runs painless scripts (guarded updates need them).
     pub painless: bool,
+    /// Elasticsearch 9+, which leaves vectors out of `_source` unless asked
+    /// (`_source_exclude_vectors=false`).
+    vectors_on_request: bool,
     standin: Option<EsStandin>,
     http: reqwest::Client,
 }
@@ -48,15 +51,33 @@ impl EsTarget {
         let http = reqwest::Client::new();
         let mut target = match std::env::var("EMBEDJOIN_TEST_ES_URL") {
             Ok(url) if !url.is_empty() => {
-                EsTarget { url: url.trim_end_matches('/').to_owned(), index, painless: true, standin: None, http }
+                let url = url.trim_end_matches('/').to_owned();
+                EsTarget { url, index, painless: true, vectors_on_request: false, standin: None, http }
             }
             _ => {
                 let standin = EsStandin::start().await;
-                EsTarget { url: standin.url(), index, painless: true, standin: Some(standin), http }
+                EsTarget {
+                    url: standin.url(),
+                    index,
+                    painless: true,
+                    vectors_on_request: false,
+                    standin: Some(standin),
+                    http,
+                }
             }
         };
         target.painless = target.runs_painless().await;
+        target.vectors_on_request =
+            target.engine().await.is_some_and(|(name, major)| name == "Elasticsearch" && major >= 9);
         target
+    }
+
+    /// The engine (`Elasticsearch` or `OpenSearch`) and its major version, as `GET /` says.
+    pub async fn engine(&self) -> Option<(&'static str, u64)> {
+        let root: Value = self.http.get(&self.url).send().await.ok()?.json().await.ok()?;
+        let name = if root["version"]["distribution"] == "opensearch" { "OpenSearch" } else { "Elasticsearch" };
+        let major = root["version"]["number"].as_str()?.split('.').next()?.parse().ok()?;
+        Some((name, major))
     }
 
     /// Asks the cluster to run a painless script, as the service does at start.
@@ -123,7 +144,7 @@ impl EsTarget {
         for chunk in ids.chunks(500) {
             let r = self
                 .http
-                .post(format!("{}/{}/_mget", self.url, self.index))
+                .post(format!("{}/{}/_mget{}", self.url, self.index, self.with_vectors()))
                 .json(&serde_json::json!({ "ids": chunk }))
                 .send()
                 .await
@@ -140,6 +161,15 @@ impl EsTarget {
             }
         }
         out
+    }
+
+    /// The query string that asks for vectors in `_source` where the engine leaves them out.
+    fn with_vectors(&self) -> &'static str {
+        if self.vectors_on_request {
+            "?_source_exclude_vectors=false"
+        } else {
+            ""
+        }
     }
 
     pub async fn doc(&self, id: &str) -> Option<StoredDoc> {

@@ -20,26 +20,7 @@ public final class ClasspathPluginsService extends PluginsService {
     }
 
     private static LoadedPlugin load(Class<? extends Plugin> pluginClass) {
-        try {
-            Plugin instance = pluginClass.getConstructor().newInstance();
-            PluginDescriptor descriptor = new PluginDescriptor(
-                pluginClass.getName(),
-                "classpath plugin",
-                "NA",
-                org.elasticsearch.Build.current().version(),
-                "17",
-                pluginClass.getName(),
-                null,
-                List.of(),
-                false,
-                false,
-                false,
-                false
-            );
-            return new LoadedPlugin(descriptor, instance);
-        } catch (ReflectiveOperationException e) {
-            throw new IllegalStateException("cannot instantiate " + pluginClass.getName(), e);
-        }
+        return new LoadedPlugin(ClasspathPlugins.descriptor(pluginClass), ClasspathPlugins.instantiate(pluginClass));
     }
 
     /** The server runs as a classpath jar, not as a named module: it has no exports to qualify. */
