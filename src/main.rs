@@ -7,7 +7,8 @@ use clap::{Parser, Subcommand};
 use embedjoin::{Application, Settings};
 
 /// mimalloc instead of glibc's malloc: less CPU per embedding on the bulk path, where
-/// megabyte bodies and many vector-sized buffers come and go (BENCHMARKS.md, "Allocator").
+/// megabyte bodies and many vector-sized buffers come and go (BENCHMARKS.md, "What this
+/// sitting changed").
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
