@@ -7,8 +7,8 @@ use clap::{Parser, Subcommand};
 use embedjoin::{Application, Settings};
 
 /// mimalloc instead of glibc's malloc: less CPU per embedding on the bulk path, where
-/// megabyte bodies and many vector-sized buffers come and go (BENCHMARKS.md, "What this
-/// sitting changed").
+/// megabyte bodies and many vector-sized buffers come and go (BENCHMARKS.md, "Floats
+/// written in place, and the allocator").
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

@@ -209,7 +209,7 @@ fn merge_head(w: &mut Writer, schema: &Schema, action: Action) {
 
 /// Writes `vector` as a JSON array of shortest round-trip decimals (ryu), straight into
 /// `buf`: no intermediate string and no copy call per value (7% fewer instructions in split
-/// order; BENCHMARKS.md, "What this sitting changed").
+/// order; BENCHMARKS.md, "Floats written in place, and the allocator").
 /// The values are finite (validated at ingress).
 fn float_array(buf: &mut BytesMut, vector: &[f32]) {
     // ryu writes at most 16 bytes for an f32; one more for the separator.
