@@ -108,7 +108,7 @@ async fn check_passes_against_real_backends_without_printing_secrets() {
         assert!(all.contains(&format!("redis://:***@127.0.0.1:{}", redis.port)), "{all}");
         assert!(stderr.contains("every backend answers"), "{stderr}");
         // The engine and its version, as the cluster's GET / tells them.
-        let (engine, major) = es.engine().await.expect("GET / names the engine and its version");
+        let (engine, major, _) = es.engine().await.expect("GET / names the engine and its version");
         assert!(stderr.contains(&format!("ok    sink: {engine} {major}.")), "{stderr}");
     }
 }

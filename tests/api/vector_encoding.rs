@@ -21,23 +21,13 @@ use crate::support::redis_server::RedisServer;
 const TEXT_DIMS: usize = 384;
 const IMAGE_DIMS: usize = 512;
 
-/// The Elasticsearch version as (major, minor); `None` for the stand-in and OpenSearch.
-async fn elasticsearch_version(es: &EsTarget) -> Option<(u64, u64)> {
-    if es.standin().is_some() || es.is_opensearch().await {
-        return None;
-    }
-    let root: Value = reqwest::get(&es.url).await.ok()?.json().await.ok()?;
-    let mut numbers = root["version"]["number"].as_str()?.split('.').map(|n| n.parse::<u64>().ok());
-    Some((numbers.next()??, numbers.next()??))
-}
-
 /// Documents whose parts meet in memory and whose parts meet in Redis are indexed with
 /// base64 vectors, and the engine reads back the very floats sent, bit for bit.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn base64_vectors_are_indexed_as_the_floats_sent() {
     let (redis, es) = (RedisServer::start().await, EsTarget::start().await);
-    match elasticsearch_version(&es).await {
-        Some(version) if version >= (9, 3) => {}
+    match es.engine().await.filter(|_| es.standin().is_none()) {
+        Some(("Elasticsearch", major, minor)) if (major, minor) >= (9, 3) => {}
         other => {
             eprintln!("base64 vectors: skipped: needs Elasticsearch 9.3 or later (this is {other:?})");
             return;

@@ -68,16 +68,17 @@ impl EsTarget {
         };
         target.painless = target.runs_painless().await;
         target.vectors_on_request =
-            target.engine().await.is_some_and(|(name, major)| name == "Elasticsearch" && major >= 9);
+            target.engine().await.is_some_and(|(name, major, _)| name == "Elasticsearch" && major >= 9);
         target
     }
 
-    /// The engine (`Elasticsearch` or `OpenSearch`) and its major version, as `GET /` says.
-    pub async fn engine(&self) -> Option<(&'static str, u64)> {
+    /// The engine (`Elasticsearch` or `OpenSearch`) and its major and minor version, as
+    /// `GET /` says.
+    pub async fn engine(&self) -> Option<(&'static str, u64, u64)> {
         let root: Value = self.http.get(&self.url).send().await.ok()?.json().await.ok()?;
         let name = if root["version"]["distribution"] == "opensearch" { "OpenSearch" } else { "Elasticsearch" };
-        let major = root["version"]["number"].as_str()?.split('.').next()?.parse().ok()?;
-        Some((name, major))
+        let mut numbers = root["version"]["number"].as_str()?.split('.').map(|n| n.parse::<u64>().ok());
+        Some((name, numbers.next()??, numbers.next()??))
     }
 
     /// Asks the cluster to run a painless script, as the service does at start.
